@@ -1,0 +1,246 @@
+"""Wu et al.'s retrieval score by NIAH decoding, without ever materializing T x T attention.
+
+Each trial: prefill all prompt tokens but the last with SDPA, then decode greedily one token at a
+time with eager attention, whose single query row gives every head's attention over the whole
+sequence. The row at the position that *predicts* generated token t is the one scored for t, so
+every generated token (the first one too) is scored. A head scores +1/|answer span| for each step
+whose top-1 position (first position on ties, as ``torch.argmax``) lies inside the answer span and
+holds the generated token. Decoding stops at EOS. A trial counts only if ROUGE-1 recall of the answer
+against the needle's answer is > 0.5; per-head score = mean over counted trials.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from retrieval_heads.errors import RetmaskError
+from retrieval_heads.models import EMBEDDED_ALIAS, resolve_model, shape_of
+from retrieval_heads.niah import NIAHGrid, NIAHPrompt, build_prompt, builtin_needles, check_fits
+from retrieval_heads.scores import HeadScores
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DetectConfig:
+    """Settings of a detection run (written next to its outputs)."""
+
+    model: str = EMBEDDED_ALIAS
+    lengths: tuple[int, ...] = (500, 1000, 2000, 4000)
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    num_needles: int = 3
+    max_new_tokens: int = 50  # Wu et al. decode at most 50 tokens
+    rouge_threshold: float = 0.5
+    # fp32 scoring avoids bf16 ties for the top position (about 1.6% of rows on SmolLM2), which move
+    # whole copy events; bf16 is for large models on GPU.
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    @property
+    def grid(self) -> NIAHGrid:
+        return NIAHGrid(tuple(self.lengths), tuple(self.depths), self.num_needles)
+
+
+@dataclass
+class TrialRecord:
+    """Everything needed to recheck one trial's scores with another implementation."""
+
+    length: int
+    depth: float
+    needle: int
+    prompt_ids: list[int]
+    answer_span: tuple[int, int]
+    generated_ids: list[int]
+    response: str
+    rouge1_recall: float
+    counted: bool
+    head_scores: dict[str, float] = field(default_factory=dict)  # nonzero "layer-head" -> score
+    seconds: float = 0.0
+
+
+def load_model(model: str, dtype: str = "float32", device: str = "cpu"):
+    """Model (SDPA attention, eval mode) and tokenizer for detection."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    net = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation="sdpa")
+    return net.to(device).eval(), tokenizer
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    out = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        out.add(tokenizer.eos_token_id)
+    return out
+
+
+def copy_scores(attn_rows, token: int, prompt_ids, span: tuple[int, int]):
+    """Copy events of one decode step: (layers, heads) tensor of 1/|span| where a head copied ``token``.
+
+    ``attn_rows`` is (layers, heads, seq) attention of the query that predicted ``token``.
+    """
+    import torch
+
+    start, end = span
+    top = attn_rows.argmax(dim=-1)  # first position on ties
+    in_span = (top >= start) & (top < end)
+    ids = torch.as_tensor(prompt_ids, device=top.device)
+    same = ids[top.clamp(max=len(prompt_ids) - 1)] == token
+    return (in_span & same).to(torch.float64) / (end - start)
+
+
+def greedy_decode_scored(model, prompt: NIAHPrompt, max_new_tokens: int, stop: set[int]):
+    """Greedy decode; returns (generated ids, per-head score tensor (layers, heads))."""
+    import torch
+
+    shape = shape_of(model.config)
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt.input_ids], device=device)
+    totals = torch.zeros(shape.num_layers, shape.num_heads, dtype=torch.float64, device=device)
+    generated: list[int] = []
+    with torch.inference_mode():
+        model.set_attn_implementation("sdpa")
+        cache = model(ids[:, :-1], use_cache=True).past_key_values
+        model.set_attn_implementation("eager")
+        step_input = ids[:, -1:]
+        try:
+            for _ in range(max_new_tokens):
+                out = model(step_input, past_key_values=cache, use_cache=True, output_attentions=True)
+                cache = out.past_key_values
+                token = int(out.logits[0, -1].argmax())
+                if token in stop:
+                    break
+                generated.append(token)
+                rows = torch.stack([a[0, :, -1, : len(prompt.input_ids)] for a in out.attentions])
+                totals += copy_scores(rows, token, prompt.input_ids, prompt.answer_span)
+                step_input = torch.tensor([[token]], device=device)
+        finally:
+            model.set_attn_implementation("sdpa")
+    return generated, totals
+
+
+def reference_scores(model, prompt_ids: list[int], generated: list[int], span: tuple[int, int]):
+    """Straightforward reference: one eager forward over prompt + answer, full T x T attention.
+
+    Teacher-forces ``generated`` and scores the row predicting each token; used to check
+    ``greedy_decode_scored`` (which never builds the T x T matrices) and in the benchmark.
+    """
+    import torch
+
+    shape = shape_of(model.config)
+    totals = torch.zeros(shape.num_layers, shape.num_heads, dtype=torch.float64)
+    if not generated:
+        return totals
+    ids = torch.tensor([prompt_ids + generated[:-1]], device=next(model.parameters()).device)
+    with torch.inference_mode():
+        model.set_attn_implementation("eager")
+        try:
+            attentions = model(ids, output_attentions=True).attentions
+        finally:
+            model.set_attn_implementation("sdpa")
+        for i, token in enumerate(generated):
+            row = len(prompt_ids) - 1 + i
+            rows = torch.stack([a[0, :, row, : len(prompt_ids)] for a in attentions])
+            totals += copy_scores(rows, token, prompt_ids, span).cpu()
+    return totals
+
+
+@lru_cache(maxsize=1)
+def _rouge():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
+
+
+def rouge1_recall(response: str, answer: str) -> float:
+    """ROUGE-1 recall of the response against the needle's answer (Wu et al.'s filter)."""
+    return _rouge().score(answer, response)["rouge1"].recall
+
+
+def run_trial(model, tokenizer, config: DetectConfig, length: int, depth: float, needle_index: int) -> TrialRecord:
+    """Build one NIAH prompt, decode it and score every head."""
+    needles = builtin_needles()
+    if not 0 <= needle_index < len(needles):
+        raise RetmaskError(f"needle {needle_index} does not exist; the package ships {len(needles)} needles")
+    start = time.perf_counter()
+    prompt = build_prompt(tokenizer, needles[needle_index], length, depth)
+    check_fits(len(prompt.input_ids), config.max_new_tokens, shape_of(model.config).max_position_embeddings)
+    generated, totals = greedy_decode_scored(model, prompt, config.max_new_tokens, eos_ids(model, tokenizer))
+    response = tokenizer.decode(generated, skip_special_tokens=True)
+    recall = rouge1_recall(response, prompt.needle.answer)
+    nonzero = {f"{l}-{h}": float(totals[l, h]) for l, h in zip(*totals.nonzero(as_tuple=True)) for l, h in [(int(l), int(h))]}
+    return TrialRecord(
+        length=length, depth=depth, needle=needle_index, prompt_ids=prompt.input_ids, answer_span=prompt.answer_span,
+        generated_ids=generated, response=response, rouge1_recall=recall, counted=recall > config.rouge_threshold,
+        head_scores=nonzero, seconds=time.perf_counter() - start,
+    )
+
+
+def merge_trials(records: list[TrialRecord], num_layers: int, num_heads: int) -> HeadScores:
+    """Per-head lists over counted trials (failed trials add nothing), in Wu's format."""
+    counted = [r for r in records if r.counted]
+    trials = {(l, h): [r.head_scores.get(f"{l}-{h}", 0.0) for r in counted] for l in range(num_layers) for h in range(num_heads)}
+    return HeadScores(trials)
+
+
+def validate(config: DetectConfig, max_context: int) -> None:
+    """Fail fast on a grid the model cannot run."""
+    if not config.lengths or not config.depths or config.num_needles < 1:
+        raise RetmaskError("detection grid is empty: give at least one length, one depth and one needle")
+    if config.num_needles > len(builtin_needles()):
+        raise RetmaskError(f"--needles {config.num_needles} is more than the {len(builtin_needles())} built-in needles")
+    # a prompt is the context plus ~60 tokens of template and question
+    check_fits(max(config.lengths) + 64, config.max_new_tokens, max_context)
+
+
+def detect(config: DetectConfig, out_dir: str | Path, trials: list[tuple[int, float, int]] | None = None) -> HeadScores:
+    """Run the grid (or the given trials), write scores, records and a summary to ``out_dir``."""
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model(config.model, config.dtype, config.device)
+    shape = shape_of(model.config)
+    validate(config, shape.max_position_embeddings)
+    records = []
+    for length, depth, needle in tqdm(trials or config.grid.trials(), desc="detect", unit="trial"):
+        records.append(run_trial(model, tokenizer, config, length, depth, needle))
+    return write_outputs(config, records, shape.num_layers, shape.num_heads, out)
+
+
+def write_outputs(config: DetectConfig, records: list[TrialRecord], num_layers: int, num_heads: int, out: Path) -> HeadScores:
+    """head_scores.json (Wu format), trials.jsonl, summary.json, config.json and the heatmap."""
+    scores = merge_trials(records, num_layers, num_heads)
+    if not any(r.counted for r in records):
+        raise RetmaskError(
+            f"no trial passed the ROUGE-1 recall > {config.rouge_threshold} filter ({len(records)} run); "
+            "the model cannot answer these NIAH prompts: try shorter lengths or a stronger model"
+        )
+    scores.save(out / "head_scores.json")
+    with open(out / "trials.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps(asdict(r)) + "\n")
+    ranked = scores.ranked()
+    summary = {
+        "model": config.model,
+        "trials_run": len(records),
+        "trials_counted": sum(r.counted for r in records),
+        "niah_accuracy": sum(r.counted for r in records) / len(records),
+        "sparsity": scores.sparsity(),
+        "top_heads": [{"head": f"{l}-{h}", "score": s, "counted_trials": len(scores.trials[(l, h)])} for (l, h), s in ranked[:20]],
+        "seconds": sum(r.seconds for r in records),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    from retrieval_heads.plots import plot_head_heatmap
+
+    plot_head_heatmap(scores, num_layers, num_heads, out / "head_scores.png", title=f"Retrieval scores: {config.model}")
+    return scores

@@ -1,8 +1,8 @@
 """Wu et al.'s retrieval score by NIAH decoding, without ever materializing T x T attention.
 
 Each trial: prefill all prompt tokens but the last with SDPA, then decode greedily one token at a
-time with eager attention, whose single query row gives every head's attention over the whole
-sequence. The row at the position that *predicts* generated token t is the one scored for t, so
+time; a registered attention function keeps each head's softmax row for the single decode query,
+which is its attention over the whole sequence. The row at the position that *predicts* generated token t is the one scored for t, so
 every generated token (the first one too) is scored. A head scores +1/|answer span| for each step
 whose top-1 position (first position on ties, as ``torch.argmax``) lies inside the answer span and
 holds the generated token. Decoding stops at EOS. A trial counts only if ROUGE-1 recall of the answer
@@ -97,6 +97,40 @@ def copy_scores(attn_rows, token: int, prompt_ids, span: tuple[int, int]):
     return (in_span & same).to(torch.float64) / (end - start)
 
 
+ROW_ATTENTION = "retmask_rows"
+
+
+def _row_capturing_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """SDPA for the output; for a single decode query, also keep each head's softmax row.
+
+    The row is computed from the cached keys as softmax(q k^T * scaling) in fp32 (one row per head,
+    GQA-grouped without copying K), so scoring a step costs O(T) instead of eager attention's
+    ``repeat_kv`` copies, and no T x T matrix exists at any point.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    sink = getattr(module, "_retmask_rows", None)
+    if sink is not None and query.shape[2] == 1:
+        b, kv_heads, t, d = key.shape
+        q = query.reshape(b, kv_heads, -1, d)  # (b, kv, group, d): query heads grouped by their KV head
+        logits = (q.float() @ key.float().transpose(-1, -2)).reshape(b, -1, t) * (scaling or d**-0.5)
+        window = getattr(module, "sliding_window", None)
+        if window:  # sliding-window layers see only the last `window` keys
+            logits[..., : max(0, t - window)] = float("-inf")
+        sink[module.layer_idx] = logits.softmax(-1)[0]
+    return out, None
+
+
+def _register_row_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ROW_ATTENTION, _row_capturing_attention)
+    if ROW_ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionMaskInterface.register(ROW_ATTENTION, sdpa_mask)
+
+
 def greedy_decode_scored(model, prompt: NIAHPrompt, max_new_tokens: int, stop: set[int]):
     """Greedy decode; returns (generated ids, per-head score tensor (layers, heads))."""
     import torch
@@ -106,32 +140,41 @@ def greedy_decode_scored(model, prompt: NIAHPrompt, max_new_tokens: int, stop: s
     ids = torch.tensor([prompt.input_ids], device=device)
     totals = torch.zeros(shape.num_layers, shape.num_heads, dtype=torch.float64, device=device)
     generated: list[int] = []
-    with torch.inference_mode():
-        model.set_attn_implementation("sdpa")
-        cache = model(ids[:, :-1], use_cache=True).past_key_values
-        model.set_attn_implementation("eager")
-        step_input = ids[:, -1:]
-        try:
+    rows: dict[int, torch.Tensor] = {}
+    attention = [layer.self_attn for layer in model.model.layers]
+    _register_row_attention()
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ROW_ATTENTION)
+    for module in attention:
+        module._retmask_rows = rows
+    try:
+        with torch.inference_mode():
+            # prefill all but the last prompt token; the last one is decoded, so its row scores token 1
+            cache = model(ids[:, :-1], use_cache=True).past_key_values
+            step_input = ids[:, -1:]
             for _ in range(max_new_tokens):
-                out = model(step_input, past_key_values=cache, use_cache=True, output_attentions=True)
+                out = model(step_input, past_key_values=cache, use_cache=True)
                 cache = out.past_key_values
                 token = int(out.logits[0, -1].argmax())
                 if token in stop:
                     break
                 generated.append(token)
-                rows = torch.stack([a[0, :, -1, : len(prompt.input_ids)] for a in out.attentions])
-                totals += copy_scores(rows, token, prompt.input_ids, prompt.answer_span)
+                stacked = torch.stack([rows[i][:, : len(prompt.input_ids)] for i in range(shape.num_layers)])
+                totals += copy_scores(stacked, token, prompt.input_ids, prompt.answer_span)
                 step_input = torch.tensor([[token]], device=device)
-        finally:
-            model.set_attn_implementation("sdpa")
+    finally:
+        for module in attention:
+            module._retmask_rows = None
+        model.set_attn_implementation(previous)
     return generated, totals
 
 
 def reference_scores(model, prompt_ids: list[int], generated: list[int], span: tuple[int, int]):
-    """Straightforward reference: one eager forward over prompt + answer, full T x T attention.
+    """Straightforward reference: one eager forward over prompt + answer with full T x T attention.
 
-    Teacher-forces ``generated`` and scores the row predicting each token; used to check
-    ``greedy_decode_scored`` (which never builds the T x T matrices) and in the benchmark.
+    Teacher-forces ``generated`` and scores the row predicting each token. Each layer's T x T
+    matrix is reduced to the needed rows as soon as the layer returns it, so peak memory is one
+    layer's attention rather than all of them. Used to check ``greedy_decode_scored`` and in bench/.
     """
     import torch
 
@@ -139,17 +182,30 @@ def reference_scores(model, prompt_ids: list[int], generated: list[int], span: t
     totals = torch.zeros(shape.num_layers, shape.num_heads, dtype=torch.float64)
     if not generated:
         return totals
+    first = len(prompt_ids) - 1
+    kept: dict[int, torch.Tensor] = {}
+    attention_modules = [layer.self_attn for layer in model.model.layers]
+
+    def keep_rows(index):
+        def hook(module, args, output):
+            kept[index] = output[1][0, :, first : first + len(generated), : len(prompt_ids)].clone()
+            return (output[0], None)
+
+        return hook
+
+    handles = [m.register_forward_hook(keep_rows(i)) for i, m in enumerate(attention_modules)]
     ids = torch.tensor([prompt_ids + generated[:-1]], device=next(model.parameters()).device)
-    with torch.inference_mode():
+    try:
         model.set_attn_implementation("eager")
-        try:
-            attentions = model(ids, output_attentions=True).attentions
-        finally:
-            model.set_attn_implementation("sdpa")
-        for i, token in enumerate(generated):
-            row = len(prompt_ids) - 1 + i
-            rows = torch.stack([a[0, :, row, : len(prompt_ids)] for a in attentions])
-            totals += copy_scores(rows, token, prompt_ids, span).cpu()
+        with torch.inference_mode():
+            model(ids)
+    finally:
+        model.set_attn_implementation("sdpa")
+        for handle in handles:
+            handle.remove()
+    for i, token in enumerate(generated):
+        rows = torch.stack([kept[layer][:, i] for layer in range(shape.num_layers)])
+        totals += copy_scores(rows, token, prompt_ids, span).cpu()
     return totals
 
 

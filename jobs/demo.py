@@ -25,6 +25,10 @@ class DemoConfig:
     ablate_k: int = 5
     ablate_seeds: tuple[int, ...] = (0, 1, 2)
     ablate_lengths: tuple[int, ...] = (2000,)
+    num_prompts: int = 200
+    train_control: bool = True  # also train on random-head pairs, the paper's control
+    eval_lengths: tuple[int, ...] = (1000, 2000)
+    eval_samples: int = 4  # per task x length; the report states the resulting interval widths
 
 
 def _stage_fetch(cfg: DemoConfig, out: Path) -> None:
@@ -46,10 +50,61 @@ def _stage_ablate(cfg: DemoConfig, out: Path) -> None:
                                 seeds=cfg.ablate_seeds, lengths=cfg.ablate_lengths), out / "ablate")
 
 
+def _stage_generate(cfg: DemoConfig, out: Path) -> None:
+    from importlib import resources
+
+    from pipeline.generate import GenerateConfig, generate
+
+    config = GenerateConfig.from_yaml(str(resources.files("jobs") / "configs" / "demo.yaml"), model=cfg.model,
+                                      scores=str(out / "detect" / "head_scores.json"), out=str(out / "generate"),
+                                      max_prompts=cfg.num_prompts)
+    generate(config)
+
+
+def _stage_inspect(cfg: DemoConfig, out: Path) -> None:
+    from pipeline.inspect import format_report, inspect_run
+
+    (out / "inspect").mkdir(exist_ok=True)
+    report = inspect_run(str(out / "generate"), plots_dir=str(out / "inspect"))
+    (out / "inspect" / "report.txt").write_text(format_report(report) + "\n")
+    (out / "inspect" / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+def _train(cfg: DemoConfig, out: Path, rejected: str, name: str) -> None:
+    from trainer.config import TrainConfig
+    from trainer.dpo import train
+
+    train(TrainConfig.from_preset("demo", model=cfg.model, pairs=str(out / "generate"), rejected=rejected,
+                                  output_dir=str(out / name)))
+
+
+def _stage_train(cfg: DemoConfig, out: Path) -> None:
+    _train(cfg, out, "retrieval_masked", "train_retrieval")
+
+
+def _stage_train_control(cfg: DemoConfig, out: Path) -> None:
+    if cfg.train_control:
+        _train(cfg, out, "random_masked", "train_control")
+
+
+def _stage_eval(cfg: DemoConfig, out: Path) -> None:
+    from pipeline.evaluate import EvalConfig, evaluate
+
+    models = {"base": cfg.model, "retmask": str(out / "train_retrieval" / "final")}
+    if (out / "train_control" / "final").exists():
+        models["control"] = str(out / "train_control" / "final")
+    evaluate(EvalConfig.demo(models, lengths=cfg.eval_lengths, samples_per_cell=cfg.eval_samples), out / "eval")
+
+
 STAGES: list[tuple[str, Callable[[DemoConfig, Path], None]]] = [
     ("fetch-model", _stage_fetch),
     ("detect", _stage_detect),
     ("ablate", _stage_ablate),
+    ("generate", _stage_generate),
+    ("inspect", _stage_inspect),
+    ("train", _stage_train),
+    ("train-control", _stage_train_control),
+    ("eval", _stage_eval),
 ]
 
 

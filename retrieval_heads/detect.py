@@ -82,15 +82,20 @@ def eos_ids(model, tokenizer) -> set[int]:
     return out
 
 
-def copy_scores(attn_rows, token: int, prompt_ids, span: tuple[int, int]):
+def top_positions(attention):
+    """Top-1 attended position of each row; ties go to the first position (``torch.argmax``)."""
+    return attention.argmax(dim=-1)
+
+
+def copy_scores(top, token: int, prompt_ids, span: tuple[int, int]):
     """Copy events of one decode step: (layers, heads) tensor of 1/|span| where a head copied ``token``.
 
-    ``attn_rows`` is (layers, heads, seq) attention of the query that predicted ``token``.
+    ``top`` is (layers, heads): each head's top-1 position over the whole sequence for the query that
+    predicted ``token`` (a top position among generated tokens is never a copy from the needle).
     """
     import torch
 
     start, end = span
-    top = attn_rows.argmax(dim=-1)  # first position on ties
     in_span = (top >= start) & (top < end)
     ids = torch.as_tensor(prompt_ids, device=top.device)
     same = ids[top.clamp(max=len(prompt_ids) - 1)] == token
@@ -118,7 +123,7 @@ def _row_capturing_attention(module, query, key, value, attention_mask, scaling=
         window = getattr(module, "sliding_window", None)
         if window:  # sliding-window layers see only the last `window` keys
             logits[..., : max(0, t - window)] = float("-inf")
-        sink[module.layer_idx] = logits.softmax(-1)[0]
+        sink[module.layer_idx] = top_positions(logits.softmax(-1)[0])  # argmax of probabilities, as eager
     return out, None
 
 
@@ -140,17 +145,19 @@ def greedy_decode_scored(model, prompt: NIAHPrompt, max_new_tokens: int, stop: s
     ids = torch.tensor([prompt.input_ids], device=device)
     totals = torch.zeros(shape.num_layers, shape.num_heads, dtype=torch.float64, device=device)
     generated: list[int] = []
-    rows: dict[int, torch.Tensor] = {}
+    rows: dict[int, torch.Tensor] = {}  # layer -> each head's top-1 position at this step
     attention = [layer.self_attn for layer in model.model.layers]
     _register_row_attention()
     previous = model.config._attn_implementation
-    model.set_attn_implementation(ROW_ATTENTION)
     for module in attention:
         module._retmask_rows = rows
     try:
         with torch.inference_mode():
-            # prefill all but the last prompt token; the last one is decoded, so its row scores token 1
+            # prefill all but the last prompt token with the model's own kernel (a custom attention name
+            # would make transformers build an explicit T x T mask); the last token is decoded, so its
+            # row scores the first generated token
             cache = model(ids[:, :-1], use_cache=True).past_key_values
+            model.set_attn_implementation(ROW_ATTENTION)
             step_input = ids[:, -1:]
             for _ in range(max_new_tokens):
                 out = model(step_input, past_key_values=cache, use_cache=True)
@@ -159,8 +166,8 @@ def greedy_decode_scored(model, prompt: NIAHPrompt, max_new_tokens: int, stop: s
                 if token in stop:
                     break
                 generated.append(token)
-                stacked = torch.stack([rows[i][:, : len(prompt.input_ids)] for i in range(shape.num_layers)])
-                totals += copy_scores(stacked, token, prompt.input_ids, prompt.answer_span)
+                top = torch.stack([rows[i] for i in range(shape.num_layers)])
+                totals += copy_scores(top, token, prompt.input_ids, prompt.answer_span)
                 step_input = torch.tensor([[token]], device=device)
     finally:
         for module in attention:
@@ -188,7 +195,7 @@ def reference_scores(model, prompt_ids: list[int], generated: list[int], span: t
 
     def keep_rows(index):
         def hook(module, args, output):
-            kept[index] = output[1][0, :, first : first + len(generated), : len(prompt_ids)].clone()
+            kept[index] = top_positions(output[1][0, :, first : first + len(generated), :])
             return (output[0], None)
 
         return hook
@@ -204,8 +211,8 @@ def reference_scores(model, prompt_ids: list[int], generated: list[int], span: t
         for handle in handles:
             handle.remove()
     for i, token in enumerate(generated):
-        rows = torch.stack([kept[layer][:, i] for layer in range(shape.num_layers)])
-        totals += copy_scores(rows, token, prompt_ids, span).cpu()
+        top = torch.stack([kept[layer][:, i] for layer in range(shape.num_layers)])
+        totals += copy_scores(top, token, prompt_ids, span).cpu()
     return totals
 
 

@@ -9,6 +9,7 @@ from retrieval_heads.detect import (
     DetectConfig,
     TrialRecord,
     copy_scores,
+    top_positions,
     detect,
     eos_ids,
     greedy_decode_scored,
@@ -33,23 +34,29 @@ def rows(tops, seq=len(PROMPT)):
 
 
 def test_copy_event_scores_one_over_span_length():
-    scores = copy_scores(rows([4, 4, 1]), token=14, prompt_ids=PROMPT, span=SPAN)
+    scores = copy_scores(top_positions(rows([4, 4, 1])), token=14, prompt_ids=PROMPT, span=SPAN)
     assert scores.tolist() == [[0.25, 0.25, 0.0]]
 
 
 def test_attending_the_span_without_copying_that_token_scores_nothing():
-    assert copy_scores(rows([5]), token=14, prompt_ids=PROMPT, span=SPAN).sum() == 0
+    assert copy_scores(top_positions(rows([5])), token=14, prompt_ids=PROMPT, span=SPAN).sum() == 0
 
 
 def test_same_token_outside_the_span_scores_nothing():
     prompt = PROMPT[:1] + [14] + PROMPT[2:]
-    assert copy_scores(rows([1]), token=14, prompt_ids=prompt, span=SPAN).sum() == 0
+    assert copy_scores(top_positions(rows([1])), token=14, prompt_ids=prompt, span=SPAN).sum() == 0
+
+
+def test_a_top_position_among_generated_tokens_is_not_a_copy():
+    longer = torch.full((1, 1, len(PROMPT) + 3), 0.01)
+    longer[0, 0, len(PROMPT) + 1] = 0.9  # the head attends a generated token, not the needle
+    assert copy_scores(top_positions(longer), token=14, prompt_ids=PROMPT, span=SPAN).sum() == 0
 
 
 def test_ties_break_to_the_first_position():
     tied = torch.zeros(1, 1, len(PROMPT))
     tied[0, 0, [2, 4]] = 0.5  # position 2 (outside the span) wins the tie
-    assert copy_scores(tied, token=14, prompt_ids=PROMPT, span=SPAN).sum() == 0
+    assert copy_scores(top_positions(tied), token=14, prompt_ids=PROMPT, span=SPAN).sum() == 0
 
 
 def record(counted, scores):

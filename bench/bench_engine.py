@@ -159,20 +159,13 @@ def main() -> None:
     ])
     print(section)
     if args.write:
+        from bench_detect import write_section  # bench/ is on sys.path when run as a script
+
         write_section(Path(args.write), "## Gated vLLM engine", section)
 
 
 def _dir_size(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**30
-
-
-def write_section(path: Path, heading: str, section: str) -> None:
-    """Replace (or append) one '## ' section of a markdown file, keeping the others."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    parts = text.split("\n## ")
-    head, rest = parts[0], ["## " + p for p in parts[1:]]
-    rest = [p for p in rest if not p.startswith(heading)] + [section]
-    path.write_text(head.rstrip("\n") + "\n\n" + "\n".join(p.rstrip("\n") + "\n" for p in rest))
 
 
 if __name__ == "__main__":

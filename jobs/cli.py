@@ -106,6 +106,109 @@ def export_masked(
 
 
 @cli.command()
+def generate(
+    config: str = typer.Option(None, help="YAML of GenerateConfig fields; default: the packaged jobs/configs/demo.yaml"),
+    model: str = typer.Option(None, help="alias, local checkpoint or hub id"),
+    prompts_source: str = typer.Option(None, help="jsonl | parquet | hf_dataset | lmsys | builtin"),
+    prompts: str = typer.Option(None, help="prompt file or directory"),
+    scores: str = typer.Option(None, help="head score file (Wu JSON) detected on this model"),
+    out: str = typer.Option(None, help="output directory or URI (rerun to resume)"),
+    num_prompts: int = typer.Option(None, help="use the first N valid prompts"),
+    max_tokens: int = typer.Option(None, help="response token limit"),
+    num_actors: int = typer.Option(None, help="engines (GPUs / tensor parallel size on a cluster)"),
+    variants: str = typer.Option(None, help="comma-separated: normal,retrieval_masked[,random_masked]"),
+    strict: bool = typer.Option(None, "--strict/--no-strict", help="stop at a bad prompt row instead of recording it"),
+):
+    """Generate normal and head-masked responses for every prompt, as Parquet preference shards."""
+    from importlib import resources
+
+    from pipeline.generate import GenerateConfig, generate as run_generate
+
+    path = config or str(resources.files("jobs") / "configs" / "demo.yaml")
+    cfg = GenerateConfig.from_yaml(
+        path, model=model, prompts_source=prompts_source, prompts=prompts, scores=scores, out=out,
+        max_prompts=num_prompts, num_actors=num_actors, strict=strict,
+        variants=[v.strip() for v in variants.split(",") if v.strip()] if variants else None,
+        sampling={"max_tokens": max_tokens} if max_tokens is not None else None,
+    )
+    s = run_generate(cfg)
+    rejected = sum(s["rejected"].values())
+    print(f"{s['rows_written']} prompts generated ({s['rows_total']} in {s['shards']} shards, {s['already_committed']} were "
+          f"already there), {rejected} rejected; {s['prompts_per_s']} prompts/s, {s['tokens_per_s']} tokens/s")
+    print(f"wrote {cfg.out} (inspect it: retmask inspect {cfg.out})")
+
+
+@cli.command("inspect")
+def inspect_cmd(
+    out: str = typer.Argument(..., help="output directory or URI of `retmask generate`"),
+    plots: str = typer.Option(None, help="directory for the length histograms"),
+    samples: int = typer.Option(3, help="sample rows shown side by side"),
+):
+    """Statistics, samples and validation of a generation output; exit code 1 if it has problems."""
+    from pipeline.inspect import format_report, inspect_run
+
+    report = inspect_run(out, plots_dir=plots, num_samples=samples)
+    print(format_report(report))
+    if report["problems"]:
+        raise typer.Exit(1)
+
+
+@cli.command()
+def train(
+    pairs: str = typer.Option(..., help="shard directory from `retmask generate`"),
+    model: str = typer.Option(None, help="alias, local checkpoint or hub id of the policy"),
+    preset: str = typer.Option("paper", help="paper (the RetMask recipe) | demo (CPU-sized)"),
+    config: str = typer.Option(None, help="YAML of TrainConfig fields (its `preset` key picks the base)"),
+    out: str = typer.Option(None, help="output directory (rerun to resume)"),
+    chosen: str = typer.Option(None, help="preferred variant (default normal)"),
+    rejected: str = typer.Option(None, help="dispreferred variant (default retrieval_masked; random_masked = control)"),
+    lora: bool = typer.Option(None, "--lora/--full", help="LoRA adapter instead of a full fine-tune"),
+    precompute_ref: bool = typer.Option(None, "--precompute-ref/--live-ref", help="score the reference once, then free it"),
+    max_steps: int = typer.Option(None, help="stop after this many optimizer steps"),
+    learning_rate: float = typer.Option(None),
+    seed: int = typer.Option(None),
+):
+    """DPO (TRL) on preference shards; writes final/, metrics.json and curves.png."""
+    from trainer.config import TrainConfig
+    from trainer.dpo import train as run_train
+
+    overrides = dict(pairs=pairs, model=model, output_dir=out, chosen=chosen, rejected=rejected, lora=lora,
+                     precompute_ref_log_probs=precompute_ref, max_steps=max_steps, learning_rate=learning_rate, seed=seed)
+    cfg = TrainConfig.from_yaml(config, **overrides) if config else TrainConfig.from_preset(preset, **overrides)
+    final = run_train(cfg)
+    print(f"wrote {final} (metrics: {cfg.output_dir}/metrics.json, curves: {cfg.output_dir}/curves.png)")
+
+
+@cli.command("eval")
+def eval_cmd(
+    models: str = typer.Option("base=smollm2-135m-instruct", help="name=model pairs, comma-separated; the first is the baseline"),
+    out: str = typer.Option("runs/eval", help="output directory"),
+    lengths: str = typer.Option(None, help="context lengths in tokens (default 1000,2000,4000,8000)"),
+    tasks: str = typer.Option(None, help="comma-separated task names (default: all)"),
+    samples: int = typer.Option(None, help="samples per task x length"),
+    seed: int = typer.Option(0, help="suite seed: same seed, same samples"),
+):
+    """Synthetic long-context suite through vLLM; paired comparison of checkpoints against the first."""
+    from pipeline.evaluate import EvalConfig, evaluate
+
+    named = {}
+    for item in filter(None, (m.strip() for m in models.split(","))):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise RetmaskError(f"--models item {item!r} is not name=model (e.g. base=smollm2-135m-instruct)")
+        named[name] = path
+    kwargs = {"models": named, "seed": seed}
+    if lengths:
+        kwargs["lengths"] = _ints(lengths)
+    if tasks:
+        kwargs["tasks"] = tuple(t.strip() for t in tasks.split(",") if t.strip())
+    if samples:
+        kwargs["samples_per_cell"] = samples
+    evaluate(EvalConfig(**kwargs), out)
+    print(f"wrote {out}/results.json, results.md and plots")
+
+
+@cli.command()
 def demo(out: str = typer.Option("runs/demo", help="output directory (rerun to resume)")):
     """The whole RetMask loop on the embedded model; writes OUT/REPORT.md."""
     from jobs.demo import DemoConfig, run_demo

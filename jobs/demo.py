@@ -74,8 +74,10 @@ def _train(cfg: DemoConfig, out: Path, rejected: str, name: str) -> None:
     from trainer.config import TrainConfig
     from trainer.dpo import train
 
+    # The demo's 128-token budget truncates most responses; dropping truncated pairs (a reader filter the
+    # paper does not apply) would leave too few pairs to train on.
     train(TrainConfig.from_preset("demo", model=cfg.model, pairs=str(out / "generate"), rejected=rejected,
-                                  output_dir=str(out / name)))
+                                  output_dir=str(out / name), drop_truncated=False))
 
 
 def _stage_train(cfg: DemoConfig, out: Path) -> None:

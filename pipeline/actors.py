@@ -1,0 +1,240 @@
+"""Ray actors that each own one gated vLLM engine, and the pool that feeds them prompt batches.
+
+Why an actor pool and not Ray Data ``map_batches``: the output contract needs one writer per directory
+committing one shard per finished batch (``pipeline.shards``), resume by prompt id, and rejects counted
+against a single-pass ``PromptStream``. Ray Data would own batching, ordering and retries and
+materialize its own blocks; here the driver keeps those decisions and still gets what Ray gives:
+scheduling (GPUs, placement groups), the object store and process isolation.
+
+Failure handling: any failed batch (actor process died, node lost, or an error inside the engine) is
+re-queued and its actor replaced by a fresh one (the old one is killed, so an engine in an unknown state
+never sees another batch). A batch is committed only from a successful result, so nothing is lost or
+written twice; a batch that fails ``max_retries + 1`` times stops the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import pyarrow as pa
+import ray
+from ray.exceptions import RayActorError, RayError
+
+from retrieval_heads.errors import RetmaskError
+
+log = logging.getLogger(__name__)
+
+PromptItem = tuple[str, str, int]  # (prompt id, text, seed)
+
+
+class GenerationActor:
+    """Owns one ``GatedLLM``; turns a batch of prompts into one Arrow row per prompt holding every variant."""
+
+    def __init__(self, index: int, engine: dict, engine_kwargs: dict, sampling: dict, masks: dict[str, list]):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        # Ray forwards every actor's output to the driver's terminal; vLLM's per-engine INFO lines would
+        # bury the progress bar. Export VLLM_LOGGING_LEVEL=INFO to see them (read when vLLM is imported).
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        # vLLM is imported here, never in the driver: the driver stays a light process.
+        from vllm import SamplingParams
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            # In-process engine core: on CPU the separate core process only adds a busy-polling process
+            # competing for the cores and ~20 s of start-up; GPUs keep vLLM's default (overlap).
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from pipeline.engine import EngineConfig, GatedLLM
+        from pipeline.shards import schema_for
+        from retrieval_heads.masking import HeadMask
+
+        try:
+            config = EngineConfig(**engine)
+        except TypeError as err:
+            raise RetmaskError(f"engine settings: {err}; use EngineConfig fields (pipeline/engine.py)") from None
+        self.index, self.batches = index, 0
+        self.llm = GatedLLM.from_config(config, **engine_kwargs)
+        self.sampling = SamplingParams(**sampling)
+        self.masks = {v: HeadMask.for_shape(heads, self.llm.shape) if heads else None for v, heads in masks.items()}
+        self.schema = schema_for(list(masks))
+        # One token through every mask now, so "ready" means first-batch speed (lazy allocations, first
+        # gate switch) and the first batch is not slower than the rest.
+        for mask in self.masks.values():
+            self.llm.generate(["Hi"], SamplingParams(max_tokens=1), mask=mask)
+
+    def info(self) -> dict:
+        """Where this actor runs (pid, node) and what its engine accepts."""
+        return {"index": self.index, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                "max_model_len": self.llm.config.max_model_len}
+
+    def generate(self, batch: list[PromptItem]) -> tuple[pa.Table, dict]:
+        """Every variant for every prompt of the batch (each variant: all prompts in one engine call)."""
+        from pipeline.shards import make_row
+
+        start = time.perf_counter()
+        _, texts, seeds = zip(*batch)
+        # The same per-prompt seed under every variant: a pair differs by the mask, not by the dice.
+        outputs = {v: self.llm.generate(list(texts), self.sampling, mask=mask, seeds=list(seeds)) for v, mask in self.masks.items()}
+        rows, tokens = [], 0
+        for i, (pid, text, seed) in enumerate(batch):
+            per_variant = {v: (out[i].text, out[i].num_completion_tokens, out[i].finish_reason) for v, out in outputs.items()}
+            tokens += sum(out[i].num_completion_tokens for out in outputs.values())
+            rows.append(make_row(pid, text, seed, next(iter(outputs.values()))[i].num_prompt_tokens, per_variant))
+        seconds = time.perf_counter() - start
+        self.batches += 1
+        log.info("actor %d: batch %d, %d prompts x %d variants, %d tokens in %.1f s (%.0f tokens/s)",
+                 self.index, self.batches, len(batch), len(self.masks), tokens, seconds, tokens / max(seconds, 1e-9))
+        return pa.Table.from_pylist(rows, schema=self.schema), {"tokens": tokens, "seconds": seconds}
+
+    def close(self) -> None:
+        """Stop the engine's processes before the actor goes away."""
+        self.llm.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# driver side
+
+
+def connect(address: str | None, num_cpus: int) -> bool:
+    """Join the cluster in ``address``/``RAY_ADDRESS`` (set inside ``ray job submit``), else start a local
+    one; returns whether this call initialized Ray (and so should shut it down)."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        # "local", not None: None would silently join any cluster a `ray start` left on this machine.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+    return True
+
+
+@dataclass
+class _Task:
+    batch: list[PromptItem]
+    attempts: int = 0
+
+
+def user_error(err: BaseException) -> str | None:
+    """The one-line RetmaskError message inside a Ray error, if the remote side raised one."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, RetmaskError):
+        return str(cause)
+    found = re.search(r"RetmaskError: (.+)", str(err))
+    return found.group(1).strip() if found else None
+
+
+class ActorPool:
+    """``num_actors`` generation actors, each with at most ``per_actor`` batches queued or running."""
+
+    def __init__(self, make_actor: Callable[[int], Any], num_actors: int, per_actor: int, max_retries: int):
+        self._make, self.per_actor, self.max_retries = make_actor, per_actor, max_retries
+        self.actors = [make_actor(i) for i in range(num_actors)]
+        self._generation = [0] * num_actors  # bumps when a slot's actor is replaced
+        self._pending: dict[ray.ObjectRef, tuple[int, int, _Task]] = {}
+        self.replacements = 0
+        self.info: dict[int, dict] = {}
+
+    def wait_ready(self) -> list[dict]:
+        """Block until every engine is loaded; a failure to start is a user error, not a retry."""
+        try:
+            infos = ray.get([a.info.remote() for a in self.actors])
+        except RayError as err:
+            raise RetmaskError(f"a generation actor failed to start: {user_error(err) or _first_line(err)}") from None
+        self.info = {i["index"]: i for i in infos}
+        for i in infos:
+            log.info("actor %d ready: pid %d on node %s", i["index"], i["pid"], i["node"][:12])
+        return infos
+
+    def map_unordered(self, batches: Iterable[list[PromptItem]]) -> Iterator[tuple[list[PromptItem], pa.Table, dict]]:
+        """Yield ``(batch, table, stats)`` as batches finish; the source is read only as actors free up."""
+        source, retry = iter(batches), deque()
+        exhausted = False
+        while True:
+            exhausted = self._fill(source, retry, exhausted)
+            if not self._pending:
+                return
+            [ref], _ = ray.wait(list(self._pending), num_returns=1)
+            slot, generation, task = self._pending.pop(ref)
+            try:
+                table, stats = ray.get(ref)
+            except RayError as err:
+                self._failed(slot, generation, task, err, retry)
+                continue
+            yield task.batch, table, stats
+
+    def _fill(self, source: Iterator, retry: deque, exhausted: bool) -> bool:
+        load = [0] * len(self.actors)
+        for slot, _, _ in self._pending.values():
+            load[slot] += 1
+        for slot in sorted(range(len(self.actors)), key=load.__getitem__):
+            while load[slot] < self.per_actor:
+                if retry:
+                    task = retry.popleft()
+                elif not exhausted:
+                    batch = next(source, None)
+                    if batch is None:
+                        exhausted = True
+                        continue
+                    task = _Task(batch)
+                else:
+                    return exhausted
+                ref = self.actors[slot].generate.remote(task.batch)
+                self._pending[ref] = (slot, self._generation[slot], task)
+                load[slot] += 1
+        return exhausted
+
+    def _failed(self, slot: int, generation: int, task: _Task, err: RayError, retry: deque) -> None:
+        message = user_error(err)
+        if message and not isinstance(err, RayActorError):
+            raise RetmaskError(message)
+        task.attempts += 1
+        ids = [pid for pid, _, _ in task.batch]
+        if task.attempts > self.max_retries:
+            raise RetmaskError(
+                f"a batch of {len(ids)} prompts (first id {ids[0]}) failed {task.attempts} times, last: "
+                f"{_first_line(err)}; committed shards are intact, rerun to resume"
+            )
+        kind = "actor died" if isinstance(err, RayActorError) else "engine error"
+        log.warning("actor %d: %s (%s); re-queueing %d prompts (attempt %d)", slot, kind, _first_line(err), len(ids), task.attempts + 1)
+        retry.append(task)
+        if generation == self._generation[slot]:  # the first failure seen from this actor: replace it once
+            ray.kill(self.actors[slot], no_restart=True)
+            self.actors[slot] = self._make(slot)
+            self._generation[slot] += 1
+            self.replacements += 1
+            self.info.pop(slot, None)
+
+    def crash_one(self) -> None:
+        """Fault injection for tests: SIGKILL a busy actor's process, as the OOM killer would."""
+        slot = next((s for s, _, _ in self._pending.values()), 0)
+        info = self.info.get(slot) or ray.get(self.actors[slot].info.remote())
+        if info["node"] == ray.get_runtime_context().get_node_id():
+            log.warning("fault injection: SIGKILL actor %d (pid %d)", slot, info["pid"])
+            os.kill(info["pid"], signal.SIGKILL)
+        else:
+            ray.kill(self.actors[slot], no_restart=True)
+
+    def close(self, graceful: bool = True, timeout: float = 60.0) -> None:
+        """Shut every engine down (``graceful``: after the batches queued on it), then remove the actors.
+
+        A killed actor's engine processes exit on their own: vLLM's engine core watches its parent.
+        """
+        if graceful:
+            refs = [a.close.remote() for a in self.actors]
+            _, waiting = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+            if waiting:
+                log.warning("%d engines did not close within %.0f s; killing their actors", len(waiting), timeout)
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__

@@ -1,0 +1,162 @@
+"""Faults during generation: a killed driver, a killed actor, batches that keep failing. Nothing committed is
+lost, nothing is written twice, and a rerun of the same command finishes the job."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from gen_support import REPO, child_env, data_files, job_summary, prompt_rows, retmask, write_config, write_prompts, write_scores
+
+from pipeline.inspect import inspect_run
+from pipeline.shards import read_manifest, read_pairs_table
+from retrieval_heads.errors import RetmaskError
+
+
+def _ids(out):
+    return sorted(read_pairs_table(out).column("prompt_id").to_pylist())
+
+
+def _manifest_shards(out) -> int:
+    try:
+        return len(read_manifest(out)["shards"])
+    except Exception:  # not created yet, or being replaced
+        return 0
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_run_then_rerun_gives_each_prompt_exactly_once(tmp_path, embedded_model_path):
+    import psutil
+
+    rows = prompt_rows(24)  # 6 batches of 4: time to kill between the first commit and the last
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", prompts=str(write_prompts(tmp_path / "p.jsonl", rows)),
+                          scores=str(write_scores(tmp_path / "s.json")), out=str(out))
+    log = open(tmp_path / "first.log", "w")
+    driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", "generate", "--config", str(config)], cwd=REPO,
+                              env=child_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    spawned = []
+    try:
+        deadline = time.time() + 400
+        while _manifest_shards(out) < 1:
+            assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.time() < deadline, "no shard was committed in time"
+            time.sleep(0.1)
+        spawned = psutil.Process(driver.pid).children(recursive=True)  # Ray, actors, engines
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the whole process group, like a lost node or `kill -9 -PGID`
+        driver.wait()
+        log.close()
+    _, alive = psutil.wait_procs(spawned, timeout=60)
+    for proc in alive:  # never leak processes into the rest of the suite, but fail on them
+        proc.kill()
+    assert not alive, f"processes outlived the killed driver: {[p.pid for p in alive]}"
+    committed = read_pairs_table(out).num_rows
+    assert 0 < committed < len(rows), "the run finished before it could be killed"
+
+    result = retmask("generate", "--config", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{len(rows) - committed} prompts generated ({len(rows)} in" in result.stdout
+    assert _ids(out) == [r["id"] for r in rows]  # each exactly once
+    listed = sorted(s["file"] for s in read_manifest(out)["shards"])
+    assert data_files(out) == listed  # no partial or unlisted shard left behind
+    assert inspect_run(out)["problems"] == []
+
+
+@pytest.mark.slow
+def test_actor_killed_mid_batch_is_replaced_and_its_batches_rerun(tmp_path, embedded_model_path):
+    rows = prompt_rows(12)
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", prompts=str(write_prompts(tmp_path / "p.jsonl", rows)),
+                          scores=str(write_scores(tmp_path / "s.json")), out=str(out), kill_actor_after_batches=1)
+    result = subprocess.run([sys.executable, "-m", "jobs.generate", "--config", str(config)], cwd=REPO, env=child_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = job_summary(result.stdout)
+    assert summary["actor_replacements"] == 1 and summary["rows_written"] == len(rows)
+    assert "fault injection: SIGKILL actor 0" in result.stderr and "re-queueing 4 prompts" in result.stderr
+    assert _ids(out) == [r["id"] for r in rows]
+    assert len(read_manifest(out)["shards"]) == 3 and inspect_run(out)["problems"] == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# the pool's retry rules, with stand-in actors (no engine: seconds, not minutes)
+
+
+class FlakyActor:
+    """Fails the batches named in ``fail`` on their first try: by dying, or by raising."""
+
+    def __init__(self, index, fail, how, marker_dir):
+        self.index, self.fail, self.how, self.marker_dir = index, fail, how, marker_dir
+
+    def info(self):
+        import ray
+
+        return {"index": self.index, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+
+    def generate(self, batch):
+        import pyarrow as pa
+
+        first_id = batch[0][0]
+        marker = os.path.join(self.marker_dir, first_id)
+        if first_id in self.fail and (self.how == "always" or not os.path.exists(marker)):
+            open(marker, "w").close()
+            if self.how == "user":
+                raise RetmaskError(f"bad input in {first_id}")
+            os._exit(1)  # the process dies mid-batch
+        return pa.table({"prompt_id": [pid for pid, _, _ in batch]}), {"tokens": len(batch)}
+
+    def close(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import test modules
+    started = not ray.is_initialized()  # another test module may have left its Ray running
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+def _pool(ray, tmp_path, fail, how, max_retries=2):
+    from pipeline.actors import ActorPool
+
+    remote = ray.remote(FlakyActor)
+    return ActorPool(lambda i: remote.options(num_cpus=0.5, max_restarts=0).remote(i, fail, how, str(tmp_path)),
+                     num_actors=2, per_actor=2, max_retries=max_retries)
+
+
+def _batches(n):
+    return [[(f"b{i}-{j}", "text", 0) for j in range(3)] for i in range(n)]
+
+
+def test_pool_reruns_the_batches_of_a_dead_actor_once_each(local_ray, tmp_path):
+    pool = _pool(local_ray, tmp_path, fail={"b2-0", "b5-0"}, how="once")
+    pool.wait_ready()
+    done = [table.column("prompt_id").to_pylist() for _, table, _ in pool.map_unordered(_batches(8))]
+    assert sorted(pid for ids in done for pid in ids) == sorted(p for b in _batches(8) for p, _, _ in b)
+    assert pool.replacements >= 2
+    pool.close()
+
+
+def test_pool_gives_up_on_a_batch_that_keeps_killing_actors(local_ray, tmp_path):
+    pool = _pool(local_ray, tmp_path, fail={"b1-0"}, how="always", max_retries=2)
+    with pytest.raises(RetmaskError, match=r"first id b1-0\) failed 3 times.*rerun to resume"):
+        list(pool.map_unordered(_batches(3)))
+    pool.close()
+
+
+def test_pool_surfaces_a_user_error_from_an_actor_at_once(local_ray, tmp_path):
+    pool = _pool(local_ray, tmp_path, fail={"b0-0"}, how="user")
+    with pytest.raises(RetmaskError, match="^bad input in b0-0$"):
+        list(pool.map_unordered(_batches(2)))
+    assert pool.replacements == 0
+    pool.close()

@@ -29,6 +29,25 @@ def write_report(cfg, out: Path, timings: dict, rss_gb: float) -> Path:
         lines += ["## Causality: masking retrieval heads vs random heads", "", ablate.read_text(),
                   "![ablation](ablate/ablation.png)", "",
                   f"Reproduce: `retmask ablate --scores {out}/detect/head_scores.json --out {out}/ablate --k {cfg.ablate_k}`", ""]
+    inspect = out / "inspect" / "report.txt"
+    if inspect.exists():
+        lines += ["## Preference pairs", "", "```", inspect.read_text().rstrip(), "```", "",
+                  "Reproduce at full scale: `ray job submit --working-dir . -- python -m jobs.generate "
+                  "--config jobs/configs/generate_llama31_8b.yaml`", ""]
+    for name, title in (("train_retrieval", "DPO on retrieval-masked pairs"), ("train_control", "DPO on random-head pairs (control)")):
+        metrics = out / name / "metrics.json"
+        if metrics.exists():
+            m = json.loads(metrics.read_text())
+            lines += [f"## {title}", "", f"Held-out pairs, step 0: `{m.get('eval_start')}`", "",
+                      f"Held-out pairs, end: `{m.get('eval_end')}`", "", f"![curves]({name}/curves.png)", ""]
+    if (out / "train_retrieval").exists():
+        lines += ["Reproduce at full scale: `accelerate launch --config_file jobs/configs/accelerate/zero1.yaml "
+                  "--num_processes 4 -m trainer.dpo --config jobs/configs/train_paper.yaml --pairs PAIRS --out OUT`", ""]
+    results = out / "eval" / "results.md"
+    if results.exists():
+        lines += ["## Long-context evaluation (base vs trained vs control)", "",
+                  "The demo suite is small: read the intervals, not the point estimates.", "",
+                  results.read_text(), "![by length](eval/scores_by_length.png)", "![overall](eval/overall.png)", ""]
     path = out / "REPORT.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -14,7 +14,7 @@ from pathlib import Path
 from retrieval_heads.detect import eos_ids, load_model, rouge1_recall
 from retrieval_heads.masking import HeadMask, masked
 from retrieval_heads.models import EMBEDDED_ALIAS, shape_of
-from retrieval_heads.niah import NIAHGrid, build_prompt, builtin_needles, check_fits
+from retrieval_heads.niah import NIAHGrid, NIAHPrompt, build_prompt, builtin_needles, check_fits
 from retrieval_heads.scores import HeadScores, select_heads
 
 
@@ -45,24 +45,30 @@ def conditions(scores: HeadScores, shape, config: AblationConfig) -> dict[str, H
     return out
 
 
-def niah_accuracy(model, tokenizer, mask: HeadMask, grid: NIAHGrid, config: AblationConfig) -> tuple[float, list[dict]]:
-    """Share of grid prompts answered (ROUGE-1 recall > threshold) with ``mask`` applied."""
+def grid_prompts(tokenizer, grid: NIAHGrid, config: AblationConfig, max_context: int) -> list[NIAHPrompt]:
+    """The grid's NIAH prompts, built once and shared by every condition."""
+    needles = builtin_needles()
+    prompts = [build_prompt(tokenizer, needles[n], length, depth) for length, depth, n in grid.trials()]
+    for prompt in prompts:
+        check_fits(len(prompt.input_ids), config.max_new_tokens, max_context)
+    return prompts
+
+
+def niah_accuracy(model, tokenizer, mask: HeadMask, prompts: list[NIAHPrompt], config: AblationConfig) -> tuple[float, list[dict]]:
+    """Share of prompts answered (ROUGE-1 recall > threshold) with ``mask`` applied."""
     import torch
 
-    needles = builtin_needles()
     stop = list(eos_ids(model, tokenizer))
-    max_context = shape_of(model.config).max_position_embeddings
     rows = []
     with masked(model, mask), torch.inference_mode():
-        for length, depth, n in grid.trials():
-            prompt = build_prompt(tokenizer, needles[n], length, depth)
-            check_fits(len(prompt.input_ids), config.max_new_tokens, max_context)
+        for prompt in prompts:
             ids = torch.tensor([prompt.input_ids], device=model.device)
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=config.max_new_tokens,
                                  do_sample=False, eos_token_id=stop, pad_token_id=stop[0])
             response = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
             recall = rouge1_recall(response, prompt.needle.answer)
-            rows.append({"length": length, "depth": depth, "needle": n, "recall": recall, "response": response})
+            rows.append({"length": prompt.length, "depth": prompt.depth, "needle": builtin_needles().index(prompt.needle),
+                         "recall": recall, "response": response})
     accuracy = sum(r["recall"] > config.rouge_threshold for r in rows) / len(rows)
     return accuracy, rows
 
@@ -80,9 +86,10 @@ def run_ablation(config: AblationConfig, out_dir: str | Path) -> list[dict]:
     shape = shape_of(model.config)
     scores.check_shape(shape)
     grid = NIAHGrid(tuple(config.lengths), tuple(config.depths), config.num_needles)
+    prompts = grid_prompts(tokenizer, grid, config, shape.max_position_embeddings)
     table, details = [], {}
     for name, mask in tqdm(conditions(scores, shape, config).items(), desc="ablate", unit="condition"):
-        accuracy, rows = niah_accuracy(model, tokenizer, mask, grid, config)
+        accuracy, rows = niah_accuracy(model, tokenizer, mask, prompts, config)
         n = len(rows)
         table.append({"condition": name, "heads": mask.spec(), "accuracy": accuracy,
                       "stderr": math.sqrt(accuracy * (1 - accuracy) / n), "n": n})

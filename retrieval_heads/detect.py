@@ -19,6 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from retrieval_heads.errors import RetmaskError
+from retrieval_heads.masking import decoder_layers
 from retrieval_heads.models import EMBEDDED_ALIAS, resolve_model, shape_of
 from retrieval_heads.niah import NIAHGrid, NIAHPrompt, build_prompt, builtin_needles, check_fits
 from retrieval_heads.scores import HeadScores
@@ -146,7 +147,7 @@ def greedy_decode_scored(model, prompt: NIAHPrompt, max_new_tokens: int, stop: s
     totals = torch.zeros(shape.num_layers, shape.num_heads, dtype=torch.float64, device=device)
     generated: list[int] = []
     rows: dict[int, torch.Tensor] = {}  # layer -> each head's top-1 position at this step
-    attention = [layer.self_attn for layer in model.model.layers]
+    attention = [layer.self_attn for layer in decoder_layers(model)]
     _register_row_attention()
     previous = model.config._attn_implementation
     for module in attention:
@@ -191,7 +192,7 @@ def reference_scores(model, prompt_ids: list[int], generated: list[int], span: t
         return totals
     first = len(prompt_ids) - 1
     kept: dict[int, torch.Tensor] = {}
-    attention_modules = [layer.self_attn for layer in model.model.layers]
+    attention_modules = [layer.self_attn for layer in decoder_layers(model)]
 
     def keep_rows(index):
         def hook(module, args, output):

@@ -80,7 +80,7 @@ class HeadMask:
 
 def output_projections(model) -> list:
     """The attention output projection of every decoder layer, in layer order."""
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     projections = []
     for layer in layers:
         for attn_name, proj_name in SUPPORTED_PROJECTIONS:
@@ -96,7 +96,8 @@ def output_projections(model) -> list:
     return projections
 
 
-def _decoder_layers(model):
+def decoder_layers(model):
+    """The model's decoder layers, for the layouts of the supported architectures."""
     for path in ("model.layers", "model.model.layers", "layers", "model.decoder.layers"):
         obj = model
         for attr in path.split("."):

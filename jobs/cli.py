@@ -68,6 +68,7 @@ def ablate(
     lengths: str = typer.Option("1000,2000"),
     depths: str = typer.Option("0.1,0.3,0.5,0.7,0.9"),
     needles: int = typer.Option(2),
+    batch_size: int = typer.Option(8, help="prompts decoded together (left-padded)"),
     dtype: str = typer.Option("float32"),
     device: str = typer.Option("cpu"),
 ):
@@ -75,7 +76,8 @@ def ablate(
     from retrieval_heads.ablation import AblationConfig, run_ablation
 
     config = AblationConfig(model=model, scores=scores, k=k, seeds=_ints(seeds), lengths=_ints(lengths),
-                            depths=_floats(depths), num_needles=needles, dtype=dtype, device=device)
+                            depths=_floats(depths), num_needles=needles, batch_size=batch_size, dtype=dtype,
+                            device=device)
     table = run_ablation(config, out)
     for row in table:
         print(f"{row['condition']:>24}: {row['accuracy']:.2f}  {row['heads']}")
@@ -209,11 +211,18 @@ def eval_cmd(
 
 
 @cli.command()
-def demo(out: str = typer.Option("runs/demo", help="output directory (rerun to resume)")):
+def demo(
+    out: str = typer.Option("runs/demo", help="output directory (rerun to resume)"),
+    control: bool = typer.Option(False, "--control", help="also train and evaluate on random-head pairs (~8 more minutes)"),
+    prompts: int = typer.Option(None, help="chat prompts for preference pairs (default 80)"),
+):
     """The whole RetMask loop on the embedded model; writes OUT/REPORT.md."""
     from jobs.demo import DemoConfig, run_demo
 
-    print(f"report: {run_demo(DemoConfig(out=out))}")
+    config = DemoConfig(out=out, train_control=control)
+    if prompts:
+        config.num_prompts = prompts
+    print(f"report: {run_demo(config)}")
 
 
 def app() -> None:

@@ -1,11 +1,14 @@
 """``retmask demo``: the RetMask loop on the embedded model, each stage through its public entry point.
 
-Stages whose outputs are complete (a ``.done`` marker written after success) are skipped on rerun.
+Each stage writes a ``.<stage>.done`` marker with the settings it ran with. A rerun skips stages whose
+marker matches; a stage whose settings changed starts over, and so does every stage after it. A stage
+interrupted before its marker resumes where its own entry point can (generation, training).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -17,16 +20,19 @@ from retrieval_heads.models import EMBEDDED_ALIAS
 
 @dataclass
 class DemoConfig:
+    """Sizes of every stage, chosen to fit ~20 minutes on 2 CPU cores (see docs/BENCHMARKS.md, "Demo")."""
+
     model: str = EMBEDDED_ALIAS
     out: str = "runs/demo"
-    detect_lengths: tuple[int, ...] = (500, 1000, 2000, 3000)
+    detect_lengths: tuple[int, ...] = (1000, 2000)
     detect_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     detect_needles: int = 2
     ablate_k: int = 5
-    ablate_seeds: tuple[int, ...] = (0, 1, 2)
-    ablate_lengths: tuple[int, ...] = (2000,)
-    num_prompts: int = 200
-    train_control: bool = True  # also train on random-head pairs, the paper's control
+    ablate_seeds: tuple[int, ...] = (0, 1)
+    ablate_lengths: tuple[int, ...] = (1000,)
+    ablate_dtype: str = "bfloat16"  # the checkpoint's dtype; 2x faster prefill than float32 here
+    num_prompts: int = 80  # ~72 training pairs after the held-out split: 9 DPO steps of 8 pairs
+    train_control: bool = False  # also train (and evaluate) on random-head pairs: ~8 more minutes
     eval_lengths: tuple[int, ...] = (1000, 2000)
     eval_samples: int = 4  # per task x length; the report states the resulting interval widths
 
@@ -47,7 +53,7 @@ def _stage_ablate(cfg: DemoConfig, out: Path) -> None:
     from retrieval_heads.ablation import AblationConfig, run_ablation
 
     run_ablation(AblationConfig(model=cfg.model, scores=str(out / "detect" / "head_scores.json"), k=cfg.ablate_k,
-                                seeds=cfg.ablate_seeds, lengths=cfg.ablate_lengths), out / "ablate")
+                                seeds=cfg.ablate_seeds, lengths=cfg.ablate_lengths, dtype=cfg.ablate_dtype), out / "ablate")
 
 
 def _stage_generate(cfg: DemoConfig, out: Path) -> None:
@@ -87,50 +93,131 @@ def _stage_train(cfg: DemoConfig, out: Path) -> None:
 def _stage_train_control(cfg: DemoConfig, out: Path) -> None:
     if cfg.train_control:
         _train(cfg, out, "random_masked", "train_control")
+    else:
+        print("    skipped: control training is off (retmask demo --control turns it on)", file=sys.stderr)
 
 
 def _stage_eval(cfg: DemoConfig, out: Path) -> None:
     from pipeline.evaluate import EvalConfig, evaluate
 
     models = {"base": cfg.model, "retmask": str(out / "train_retrieval" / "final")}
-    if (out / "train_control" / "final").exists():
+    if cfg.train_control:
         models["control"] = str(out / "train_control" / "final")
-    evaluate(EvalConfig.demo(models, lengths=cfg.eval_lengths, samples_per_cell=cfg.eval_samples), out / "eval")
+    config = EvalConfig.demo(models, lengths=cfg.eval_lengths, samples_per_cell=cfg.eval_samples)
+    config.engine.kv_cache_memory_bytes = 512 << 20  # ~11k float32 tokens: prefill-bound on CPU, more buys nothing
+    evaluate(config, out / "eval")
 
 
-STAGES: list[tuple[str, Callable[[DemoConfig, Path], None]]] = [
-    ("fetch-model", _stage_fetch),
-    ("detect", _stage_detect),
-    ("ablate", _stage_ablate),
-    ("generate", _stage_generate),
-    ("inspect", _stage_inspect),
-    ("train", _stage_train),
-    ("train-control", _stage_train_control),
-    ("eval", _stage_eval),
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[DemoConfig, Path], None]
+    output: str | None  # directory under the demo's out, cleared when the stage must start over
+    fields: tuple[str, ...]  # the DemoConfig fields it depends on
+
+
+STAGES: list[Stage] = [
+    Stage("fetch-model", _stage_fetch, None, ("model",)),
+    Stage("detect", _stage_detect, "detect", ("detect_lengths", "detect_depths", "detect_needles")),
+    Stage("ablate", _stage_ablate, "ablate", ("ablate_k", "ablate_seeds", "ablate_lengths", "ablate_dtype")),
+    Stage("generate", _stage_generate, "generate", ("num_prompts",)),
+    Stage("inspect", _stage_inspect, "inspect", ()),
+    Stage("train", _stage_train, "train_retrieval", ()),
+    Stage("train-control", _stage_train_control, "train_control", ("train_control",)),
+    Stage("eval", _stage_eval, "eval", ("train_control", "eval_lengths", "eval_samples")),
 ]
 
 
-def run_demo(cfg: DemoConfig) -> Path:
-    """Run (or resume) every stage, then write REPORT.md; returns the report path."""
-    import psutil
+def stage_key(cfg: DemoConfig, stage: Stage) -> str:
+    """What a stage's ``.done`` marker records: the settings it ran with."""
+    return json.dumps({f: getattr(cfg, f) for f in stage.fields}, sort_keys=True)
 
+
+class PeakMemory:
+    """Peak resident memory of this process and all its children (Ray's raylet, actors, vLLM engines).
+
+    Sums RSS over the process tree every ``interval`` seconds, an upper bound: pages shared between
+    processes (libraries, Ray's object store) count once per process.
+    """
+
+    def __init__(self, interval: float = 0.5):
+        import threading
+
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        import psutil
+
+        me, total = psutil.Process(), 0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                total += proc.memory_info().rss
+            except psutil.Error:  # exited between listing and reading
+                pass
+        self.peak = max(self.peak, total)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> "PeakMemory":
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise, so the
+    training stage's ~3 GB would stay resident next to the evaluation's engine)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def run_demo(cfg: DemoConfig) -> Path:
+    """Run (or resume) every stage, then write REPORT.md; returns the report path.
+
+    ``timings.json`` keeps each finished stage's wall time and peak memory, so a resumed run still reports
+    every stage.
+    """
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
-    start = time.perf_counter()
-    for i, (name, stage) in enumerate(STAGES, 1):
-        marker = out / f".{name}.done"
-        if marker.exists():
-            print(f"[{i}/{len(STAGES)}] {name}: complete, skipped", file=sys.stderr)
+    record = out / "timings.json"
+    timings = json.loads(record.read_text()) if record.exists() else {}
+    start, upstream_changed = time.perf_counter(), False
+    for i, stage in enumerate(STAGES, 1):
+        marker, key = out / f".{stage.name}.done", stage_key(cfg, stage)
+        done = marker.exists() and marker.read_text() == key
+        if done and not upstream_changed:
+            print(f"[{i}/{len(STAGES)}] {stage.name}: complete, skipped", file=sys.stderr)
             continue
-        print(f"[{i}/{len(STAGES)}] {name} ...", file=sys.stderr)
+        if (marker.exists() or upstream_changed) and stage.output:
+            # finished before with other settings, or its inputs changed: start over (an unfinished
+            # stage without a marker keeps its outputs, so generation and training resume)
+            shutil.rmtree(out / stage.output, ignore_errors=True)
+        marker.unlink(missing_ok=True)
+        upstream_changed = True
+        print(f"[{i}/{len(STAGES)}] {stage.name} ...", file=sys.stderr)
         t0 = time.perf_counter()
-        stage(cfg, out)
-        timings[name] = round(time.perf_counter() - t0, 1)
-        (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
-        marker.touch()
-        print(f"[{i}/{len(STAGES)}] {name}: done in {timings[name]:.0f} s (total {time.perf_counter() - start:.0f} s)", file=sys.stderr)
+        with PeakMemory() as memory:
+            stage.run(cfg, out)
+        release_memory()  # a finished stage's freed heap goes back to the OS before the next one starts
+        timings[stage.name] = {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_gb": round(memory.peak / 2**30, 2)}
+        record.write_text(json.dumps(timings, indent=2) + "\n")
+        marker.write_text(key)
+        print(f"[{i}/{len(STAGES)}] {stage.name}: done in {timings[stage.name]['seconds']:.0f} s, peak "
+              f"{timings[stage.name]['peak_rss_gb']:.1f} GiB (total {time.perf_counter() - start:.0f} s)", file=sys.stderr)
     from jobs.report import write_report
 
-    rss_gb = psutil.Process().memory_info().rss / 2**30
-    return write_report(cfg, out, timings, rss_gb)
+    return write_report(cfg, out, timings)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -205,6 +206,7 @@ class EngineConfig:
     seed: int = 0
     enable_prefix_caching: bool = True
     chat_template_kwargs: dict = field(default_factory=dict, metadata={"help": "e.g. {'enable_thinking': True} for Qwen3"})
+    cpu_reserved_cores: int | None = field(default=0, metadata={"help": "CPU only: cores kept free of OpenMP threads; vLLM's default (None) reserves one for its frontend, which offline batches leave idle (0 is 1.7x faster on 2 cores)"})
 
 
 @dataclass(frozen=True)
@@ -241,6 +243,8 @@ class GatedLLM:
         kv_bytes = config.kv_cache_memory_bytes or ((1 << 30) if on_cpu else None)
         if kv_bytes is not None:
             _check_kv_memory(config, shape, hf_config, kv_bytes)
+        if on_cpu and config.cpu_reserved_cores is not None:  # read by the engine process vLLM spawns below
+            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", str(config.cpu_reserved_cores))
         eager = on_cpu if config.enforce_eager is None else config.enforce_eager
         if on_cpu and not eager and _dtype_bytes(config.dtype, hf_config) == 2:
             log.warning("vllm-cpu 0.32 compiled half-precision models generate garbage; prefer dtype='float32' or eager")

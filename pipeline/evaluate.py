@@ -143,7 +143,9 @@ def evaluate(config: EvalConfig, out_dir: str | Path) -> dict:
     log.info("eval suite: %d samples (%d tasks x %d lengths x %d), max_model_len %d", len(samples), len(config.tasks),
              len(config.lengths), config.samples_per_cell, max_model_len)
 
-    runs = {name: _run_checkpoint(config, path, samples, max_model_len) for name, path in paths.items()}
+    dtype = common_dtype(list(paths.values())) if config.engine.dtype == "auto" else config.engine.dtype
+    log.info("every checkpoint runs in %s", dtype)
+    runs = {name: _run_checkpoint(config, path, samples, max_model_len, dtype) for name, path in paths.items()}
     scores = np.array([[TASKS[s.task].score(c.text, s.answers) for s, c in zip(samples, runs[n]["completions"])] for n in names])
     cells, groups = cell_groups(samples)
     results = {
@@ -152,6 +154,7 @@ def evaluate(config: EvalConfig, out_dir: str | Path) -> dict:
         "suite": {"num_samples": len(samples), "tasks": list(config.tasks), "lengths": list(config.lengths),
                   "samples_per_cell": config.samples_per_cell, "seed": config.seed},
         **summarize(scores, names, cells, groups, config.bootstrap, config.seed),
+        "dtype": dtype,
         "perplexity": {n: runs[n]["perplexity"] for n in names},
         "timing": {n: runs[n]["timing"] for n in names},
         "samples": [_sample_record(s, {n: (runs[n]["completions"][i], scores[k, i]) for k, n in enumerate(names)})
@@ -164,13 +167,29 @@ def evaluate(config: EvalConfig, out_dir: str | Path) -> dict:
     return results
 
 
-def _run_checkpoint(config: EvalConfig, path: str, samples: list[EvalSample], max_model_len: int) -> dict:
+def common_dtype(paths: list[str]) -> str:
+    """One dtype for every checkpoint: float32 if any is stored in float32, else the baseline's.
+
+    Comparing a bf16 baseline with a float32 trained checkpoint in their own dtypes would mix the
+    training effect with precision; casting the trained one to bf16 would round away small updates
+    (a 1e-5 step is below bf16's resolution of most weights).
+    """
+    from transformers import AutoConfig
+
+    names = []
+    for path in paths:
+        cfg = AutoConfig.from_pretrained(path)
+        names.append(str(getattr(cfg, "dtype", None) or "bfloat16").removeprefix("torch."))
+    return "float32" if "float32" in names else names[0]
+
+
+def _run_checkpoint(config: EvalConfig, path: str, samples: list[EvalSample], max_model_len: int, dtype: str) -> dict:
     from vllm import SamplingParams
 
     from pipeline.engine import GatedLLM
 
     dialogues = builtin_chat() if config.perplexity else []
-    engine = dataclasses.replace(config.engine, model=path, max_model_len=max_model_len)
+    engine = dataclasses.replace(config.engine, model=path, max_model_len=max_model_len, dtype=dtype)
     t0 = time.perf_counter()
     llm = GatedLLM.from_config(engine)
     try:
@@ -282,7 +301,7 @@ def markdown(results: dict) -> str:
         "",
         f"{suite['num_samples']} samples per checkpoint: {len(suite['tasks'])} tasks x {len(suite['lengths'])} lengths x "
         f"{suite['samples_per_cell']} (seed {suite['seed']}), greedy decoding. Scores in points (0-100, string-match "
-        "recall); brackets: 95% bootstrap intervals. Baseline: " + names[0] + ".",
+        "recall); brackets: 95% bootstrap intervals. Baseline: " + names[0] + f". Every checkpoint runs in {results.get('dtype', 'its own dtype')}.",
         "",
         "| model | path |",
         "|---|---|",

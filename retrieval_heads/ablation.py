@@ -30,6 +30,7 @@ class AblationConfig:
     depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
     num_needles: int = 2
     max_new_tokens: int = 32
+    batch_size: int = 8  # prompts decoded together (left-padded): decode steps cost about the same for 1 or 8
     rouge_threshold: float = 0.5
     dtype: str = "float32"
     device: str = "cpu"
@@ -55,20 +56,37 @@ def grid_prompts(tokenizer, grid: NIAHGrid, config: AblationConfig, max_context:
 
 
 def niah_accuracy(model, tokenizer, mask: HeadMask, prompts: list[NIAHPrompt], config: AblationConfig) -> tuple[float, list[dict]]:
-    """Share of prompts answered (ROUGE-1 recall > threshold) with ``mask`` applied."""
+    """Share of prompts answered (ROUGE-1 recall > threshold) with ``mask`` applied.
+
+    Greedy, in left-padded batches of ``config.batch_size`` prompts of similar length; rows come back in
+    the order of ``prompts``.
+    """
     import torch
 
     stop = list(eos_ids(model, tokenizer))
-    rows = []
+    needles = builtin_needles()
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].input_ids))
+    responses: dict[int, str] = {}
     with masked(model, mask), torch.inference_mode():
-        for prompt in prompts:
-            ids = torch.tensor([prompt.input_ids], device=model.device)
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=config.max_new_tokens,
-                                 do_sample=False, eos_token_id=stop, pad_token_id=stop[0])
-            response = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-            recall = rouge1_recall(response, prompt.needle.answer)
-            rows.append({"length": prompt.length, "depth": prompt.depth, "needle": builtin_needles().index(prompt.needle),
-                         "recall": recall, "response": response})
+        for start in range(0, len(order), max(1, config.batch_size)):
+            batch = order[start : start + max(1, config.batch_size)]
+            width = max(len(prompts[i].input_ids) for i in batch)
+            ids = torch.full((len(batch), width), stop[0], dtype=torch.long)
+            attention = torch.zeros_like(ids)
+            for row, i in enumerate(batch):
+                n = len(prompts[i].input_ids)
+                ids[row, width - n :] = torch.tensor(prompts[i].input_ids)
+                attention[row, width - n :] = 1
+            out = model.generate(ids.to(model.device), attention_mask=attention.to(model.device),
+                                 max_new_tokens=config.max_new_tokens, do_sample=False, eos_token_id=stop,
+                                 pad_token_id=stop[0])
+            for row, i in enumerate(batch):
+                responses[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True)
+    rows = []
+    for i, prompt in enumerate(prompts):
+        recall = rouge1_recall(responses[i], prompt.needle.answer)
+        rows.append({"length": prompt.length, "depth": prompt.depth, "needle": needles.index(prompt.needle),
+                     "recall": recall, "response": responses[i]})
     accuracy = sum(r["recall"] > config.rouge_threshold for r in rows) / len(rows)
     return accuracy, rows
 

@@ -156,8 +156,9 @@ def greedy_decode_scored(model, prompt: NIAHPrompt, max_new_tokens: int, stop: s
         with torch.inference_mode():
             # prefill all but the last prompt token with the model's own kernel (a custom attention name
             # would make transformers build an explicit T x T mask); the last token is decoded, so its
-            # row scores the first generated token
-            cache = model(ids[:, :-1], use_cache=True).past_key_values
+            # row scores the first generated token; no prefill logits are needed (logits_to_keep=1 skips
+            # a T x vocab lm_head product)
+            cache = model(ids[:, :-1], use_cache=True, logits_to_keep=1).past_key_values
             model.set_attn_implementation(ROW_ATTENTION)
             step_input = ids[:, -1:]
             for _ in range(max_new_tokens):

@@ -10,7 +10,7 @@ import pytest
 
 from jobs.eval import parse_args, parse_models
 from pipeline.engine import EngineConfig
-from pipeline.evaluate import EvalConfig, bootstrap_cell_means, cell_groups, evaluate, interval, summarize
+from pipeline.evaluate import EvalConfig, bootstrap_cell_means, cell_groups, common_dtype, evaluate, interval, summarize
 from retrieval_heads.errors import RetmaskError
 from retrieval_heads.models import EMBEDDED_ALIAS
 
@@ -111,6 +111,22 @@ def test_command_line_presets_and_overrides():
     config, _ = parse_args(["--models", "base=a", "--out", "o", "--demo", "--samples", "5", "--tasks", "qa", "--kv-cache-gb", "0.5"])
     assert (config.lengths, config.samples_per_cell, config.tasks) == ((1000,), 5, ("qa",))
     assert config.engine.kv_cache_memory_bytes == 2**29 and config.models == {"base": "a"}
+
+
+def _checkpoint(path, dtype):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128)
+    config.dtype = dtype
+    config.save_pretrained(path)
+    return str(path)
+
+
+def test_checkpoints_run_in_one_dtype_and_never_lose_float32_updates(tmp_path):
+    base, trained = _checkpoint(tmp_path / "base", "bfloat16"), _checkpoint(tmp_path / "trained", "float32")
+    assert common_dtype([base, trained]) == "float32"
+    assert common_dtype([trained, base]) == "float32"
+    assert common_dtype([base, _checkpoint(tmp_path / "other", "bfloat16")]) == "bfloat16"
 
 
 @pytest.mark.slow

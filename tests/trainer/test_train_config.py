@@ -41,7 +41,7 @@ def test_demo_preset_is_cpu_sized_with_the_same_loss():
     d, p = TrainConfig.from_preset("demo"), TrainConfig.from_preset("paper")
     assert (d.loss_type, d.beta) == (p.loss_type, p.beta)
     assert not d.bf16 and not d.gradient_checkpointing and d.dtype == "float32"
-    assert d.grad_accumulation(1) == 1 and d.num_train_epochs == 1.0 and d.learning_rate > p.learning_rate
+    assert d.grad_accumulation(1) == 4 and d.num_train_epochs == 1.0 and d.learning_rate > p.learning_rate
 
 
 @pytest.mark.parametrize("name", ["paper", "demo"])

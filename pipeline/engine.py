@@ -376,9 +376,13 @@ def _check_context(config: EngineConfig, shape: ModelShape) -> None:
         raise RetmaskError(f"max_model_len={config.max_model_len} exceeds the model's context of {limit} tokens; lower max_model_len")
 
 
+def checkpoint_dtype(hf_config) -> str:
+    """The dtype a checkpoint is stored in (what ``dtype="auto"`` loads), e.g. ``"bfloat16"``."""
+    return str(getattr(hf_config, "dtype", None) or "bfloat16").removeprefix("torch.")
+
+
 def _dtype_bytes(dtype: str, hf_config) -> int:
-    name = dtype if dtype != "auto" else str(getattr(hf_config, "dtype", None) or "bfloat16").removeprefix("torch.")
-    return _DTYPE_BYTES.get(name, 2)
+    return _DTYPE_BYTES.get(dtype if dtype != "auto" else checkpoint_dtype(hf_config), 2)
 
 
 def _check_kv_memory(config: EngineConfig, shape: ModelShape, hf_config, kv_bytes: int) -> None:

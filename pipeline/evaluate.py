@@ -176,10 +176,9 @@ def common_dtype(paths: list[str]) -> str:
     """
     from transformers import AutoConfig
 
-    names = []
-    for path in paths:
-        cfg = AutoConfig.from_pretrained(path)
-        names.append(str(getattr(cfg, "dtype", None) or "bfloat16").removeprefix("torch."))
+    from pipeline.engine import checkpoint_dtype
+
+    names = [checkpoint_dtype(AutoConfig.from_pretrained(path)) for path in paths]
     return "float32" if "float32" in names else names[0]
 
 

@@ -68,8 +68,9 @@ def niah_accuracy(model, tokenizer, mask: HeadMask, prompts: list[NIAHPrompt], c
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].input_ids))
     responses: dict[int, str] = {}
     with masked(model, mask), torch.inference_mode():
-        for start in range(0, len(order), max(1, config.batch_size)):
-            batch = order[start : start + max(1, config.batch_size)]
+        size = max(1, config.batch_size)
+        for start in range(0, len(order), size):
+            batch = order[start : start + size]
             width = max(len(prompts[i].input_ids) for i in batch)
             ids = torch.full((len(batch), width), stop[0], dtype=torch.long)
             attention = torch.zeros_like(ids)

@@ -87,7 +87,7 @@ def run_variant(name: str, pairs: Path, work: Path, steps: int, threads: int) ->
         from trainer.dpo import train
 
         config = TrainConfig.from_preset("demo", pairs=str(pairs), output_dir=str(work), max_steps=steps,
-                                         eval_fraction=0.0, save_steps=10_000, **overrides)
+                                         eval_fraction=0.0, save_steps=10_000, allow_off_policy=True, **overrides)
         train(config, callbacks=[timer])
     else:
         plain_trl(pairs, work, steps, timer)

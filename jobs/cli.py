@@ -8,9 +8,9 @@ from dataclasses import asdict
 
 import typer
 
-from retrieval_heads.errors import RetmaskError
+from retrieval_heads.errors import RetmaskError, run_cli
 
-cli = typer.Typer(add_completion=False, no_args_is_help=True, help="RetMask: retrieval-head masking as a preference signal.")
+cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="RetMask: retrieval-head masking as a preference signal.")
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -137,7 +137,7 @@ def generate(
     rejected = sum(s["rejected"].values())
     print(f"{s['rows_written']} prompts generated ({s['rows_total']} in {s['shards']} shards, {s['already_committed']} were "
           f"already there), {rejected} rejected; {s['prompts_per_s']} prompts/s, {s['tokens_per_s']} tokens/s")
-    print(f"wrote {cfg.out} (inspect it: retmask inspect {cfg.out})")
+    print(f"wrote {s['out']} (inspect it: retmask inspect OUT)")  # redacted: a URI may carry credentials
 
 
 @cli.command("inspect")
@@ -169,13 +169,15 @@ def train(
     max_steps: int = typer.Option(None, help="stop after this many optimizer steps"),
     learning_rate: float = typer.Option(None),
     seed: int = typer.Option(None),
+    allow_off_policy: bool = typer.Option(None, "--allow-off-policy", help="train on pairs another model generated"),
 ):
     """DPO (TRL) on preference shards; writes final/, metrics.json and curves.png."""
     from trainer.config import TrainConfig
     from trainer.dpo import train as run_train
 
     overrides = dict(pairs=pairs, model=model, output_dir=out, chosen=chosen, rejected=rejected, lora=lora,
-                     precompute_ref_log_probs=precompute_ref, max_steps=max_steps, learning_rate=learning_rate, seed=seed)
+                     precompute_ref_log_probs=precompute_ref, max_steps=max_steps, learning_rate=learning_rate, seed=seed,
+                     allow_off_policy=allow_off_policy)
     cfg = TrainConfig.from_yaml(config, **overrides) if config else TrainConfig.from_preset(preset, **overrides)
     final = run_train(cfg)
     print(f"wrote {final} (metrics: {cfg.output_dir}/metrics.json, curves: {cfg.output_dir}/curves.png)")
@@ -226,22 +228,12 @@ def demo(
 
 
 def app() -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2."""
+    """Console entry point under the run contract (``retrieval_heads.errors``): exit 0 / 1 user error /
+    2 usage / 130 Ctrl-C / 143 SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        cli(standalone_mode=False)
-    except RetmaskError as err:
-        print(f"retmask: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except typer.Abort:
-        sys.exit(130)
-    except Exception as err:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise
+    # Standalone mode: typer prints usage errors and exits 2, turns Ctrl-C into exit 130 and honours
+    # typer.Exit codes; RetmaskError passes through to run_cli, which prints it as one line.
+    run_cli(lambda: cli(standalone_mode=True))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from retrieval_heads.detect import DetectConfig, run_trials, write_outputs
+from retrieval_heads.errors import run_cli
 
 
 def detect_distributed(config: DetectConfig, out_dir: str | Path, workers: int = 2, gpus_per_worker: float = 0,
@@ -34,12 +35,23 @@ def detect_distributed(config: DetectConfig, out_dir: str | Path, workers: int =
     return write_outputs(config, [by_trial[t] for t in trials], shape.num_layers, shape.num_heads, out)
 
 
+def _numbers(kind: type):
+    """argparse type for ``1000,2000``: a bad list is a usage error (exit 2), not a traceback."""
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+
+    return parse
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DetectConfig.model)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--lengths", default="500,1000,2000,4000")
-    parser.add_argument("--depths", default="0,0.25,0.5,0.75,1")
+    parser.add_argument("--lengths", default="500,1000,2000,4000", type=_numbers(int))
+    parser.add_argument("--depths", default="0,0.25,0.5,0.75,1", type=_numbers(float))
     parser.add_argument("--needles", type=int, default=3)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
@@ -47,12 +59,11 @@ def main() -> None:
     parser.add_argument("--gpus-per-worker", type=float, default=0)
     parser.add_argument("--cpus-per-worker", type=float, default=1)
     args = parser.parse_args()
-    config = DetectConfig(model=args.model, lengths=tuple(int(x) for x in args.lengths.split(",")),
-                          depths=tuple(float(x) for x in args.depths.split(",")), num_needles=args.needles,
+    config = DetectConfig(model=args.model, lengths=args.lengths, depths=args.depths, num_needles=args.needles,
                           dtype=args.dtype, device=args.device)
     scores = detect_distributed(config, args.out, args.workers, args.gpus_per_worker, args.cpus_per_worker)
     print(f"{scores.num_trials()} counted trials; top: {scores.ranked()[:5]}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

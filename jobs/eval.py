@@ -13,7 +13,7 @@ import logging
 
 from pipeline.engine import EngineConfig
 from pipeline.evaluate import EvalConfig, evaluate
-from retrieval_heads.errors import RetmaskError
+from retrieval_heads.errors import RetmaskError, run_cli
 
 
 def parse_models(text: str) -> dict[str, str]:
@@ -64,10 +64,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[EvalConfig, str]:
 def main(argv: list[str] | None = None) -> None:
     config, out = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        results = evaluate(config, out)
-    except RetmaskError as err:
-        raise SystemExit(f"retmask eval: {err}") from None
+    results = evaluate(config, out)
     for name, ckpt in results["checkpoints"].items():
         lo, hi = ckpt["overall"]["ci"]
         line = f"{name}: overall {100 * ckpt['overall']['mean']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
@@ -79,4 +76,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

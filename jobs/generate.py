@@ -12,10 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 
 from pipeline.generate import GenerateConfig, generate
-from retrieval_heads.errors import RetmaskError
+from retrieval_heads.errors import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,16 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-prompts", type=int, help="use the first N valid prompts")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        config = GenerateConfig.from_yaml(args.config, out=args.out, scores=args.scores, prompts=args.prompts,
-                                          max_prompts=args.num_prompts)
-        summary = generate(config)
-    except RetmaskError as err:
-        print(f"retmask: error: {err}", file=sys.stderr)
-        return 2
+    config = GenerateConfig.from_yaml(args.config, out=args.out, scores=args.scores, prompts=args.prompts,
+                                      max_prompts=args.num_prompts)
+    summary = generate(config)
     print(json.dumps(summary))  # one line: the last line of the job log
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

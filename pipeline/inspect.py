@@ -7,7 +7,6 @@ and left out of the statistics. Shards are read one at a time, so memory stays f
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import textwrap
@@ -21,7 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.shards import DATA, FORMAT, SCHEMA_VERSION, output_fs, read_manifest, schema_for
+from retrieval_heads.errors import redact
+from pipeline.shards import DATA, FORMAT, SCHEMA_VERSION, output_fs, read_manifest, schema_for, shard_problems
 
 BASELINE = "normal"  # the chosen side of every pair
 
@@ -63,7 +63,7 @@ def inspect_run(
         problems.append(f"{duplicates} prompt ids appear in more than one shard")
     problems += _unlisted(fs, root, listed)
     report = {
-        "out": str(out),
+        "out": redact(str(out)),
         "schema_version": manifest.get("schema_version"),
         "variants": variants,
         "run_config": manifest.get("run_config", {}),
@@ -90,13 +90,11 @@ def _load_shard(fs: pafs.FileSystem, root: str, entry: dict, schema: pa.Schema) 
             data = f.read()
     except OSError as err:
         return None, [f"unreadable ({err})"]
-    reasons = []
-    if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
-        reasons.append("sha256 differs from the manifest (modified or truncated)")
     try:
         table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowException, OSError) as err:
-        return None, reasons + [f"corrupt: not a readable Parquet file ({err})"]
+        return None, shard_problems(data, None, entry) + [f"corrupt: not a readable Parquet file ({err})"]
+    reasons = shard_problems(data, table, entry)  # checksum and row count, as every reader checks them
     if not table.schema.equals(schema, check_metadata=False):
         got = {f.name: f.type for f in table.schema}
         missing = [f.name for f in schema if f.name not in got]
@@ -109,8 +107,6 @@ def _load_shard(fs: pafs.FileSystem, root: str, entry: dict, schema: pa.Schema) 
     version = (table.schema.metadata or {}).get(b"retmask.schema_version")
     if version is not None and version != str(SCHEMA_VERSION).encode():
         reasons.append(f"schema version {version.decode()} in the file, expected {SCHEMA_VERSION}")
-    if table.num_rows != entry.get("rows"):
-        reasons.append(f"{table.num_rows} rows, manifest says {entry.get('rows')}")
     return (None, reasons) if reasons else (table, [])
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -25,17 +26,21 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-# Small files that change what the model generates; the weights enter by name and size only, because
-# hashing 16 GB per run costs minutes and a changed checkpoint also changes its index or sizes.
+# Small files that change what the model generates, hashed with the weights' contents.
 _MODEL_FILES = (
     "config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json", "chat_template.jinja",
     "model.safetensors.index.json", "pytorch_model.bin.index.json",
 )
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_CACHE = "file_hashes.json"
 
 
 def hash_model_dir(path: str | Path) -> str:
-    """Content id of a local model directory: ``sha256:`` over config/tokenizer files and weight names+sizes."""
+    """Content id of a local model directory: ``sha256:`` over config/tokenizer files and the weights' bytes.
+
+    Two checkpoints with the same tensor names and sizes but other values (a fine-tune) differ here.
+    Hashing 16 GB takes about a minute, so each weight file's digest is cached by path, mtime and size.
+    """
     p = Path(path)
     if not p.is_dir():
         raise RetmaskError(f"model directory {p} does not exist; pass a local checkpoint directory")
@@ -45,12 +50,53 @@ def hash_model_dir(path: str | Path) -> str:
         if (p / name).is_file():
             h.update(f"{name}\0".encode() + (p / name).read_bytes() + b"\0")
             found = True
-    for f in sorted(x for x in p.iterdir() if x.is_file() and x.name.endswith(_WEIGHT_SUFFIXES)):
-        h.update(f"{f.name}\0{f.stat().st_size}\n".encode())
+    weights = sorted(x for x in p.iterdir() if x.is_file() and x.name.endswith(_WEIGHT_SUFFIXES))
+    if weights:
+        cache = _read_cache()
+        for f in weights:
+            h.update(f"{f.name}\0{_file_digest(f, cache)}\n".encode())
+        _write_cache(cache)
         found = True
     if not found:
         raise RetmaskError(f"{p} has neither config.json nor weight files; is it a model directory?")
     return "sha256:" + h.hexdigest()
+
+
+def _file_digest(path: Path, cache: dict) -> str:
+    st = path.resolve().stat()
+    key = f"{path.resolve()}|{st.st_mtime_ns}|{st.st_size}"
+    if key not in cache:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        cache[key] = digest.hexdigest()
+    return cache[key]
+
+
+def _cache_path() -> Path:
+    from retrieval_heads.models import retmask_home
+
+    return retmask_home() / _CACHE
+
+
+def _read_cache() -> dict:
+    try:
+        data = json.loads(_cache_path().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}  # a missing or damaged cache only costs a re-hash
+
+
+def _write_cache(cache: dict) -> None:
+    path = _cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, path)  # concurrent writers: the last complete file wins, never a torn one
+    except OSError:
+        pass
 
 
 def dataset_card(manifest: dict, out: str, schema: pa.Schema) -> str:

@@ -43,7 +43,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.provenance import dataset_card, hash_model_dir, package_versions  # noqa: F401 (re-exported)
-from retrieval_heads.errors import RetmaskError
+from retrieval_heads.errors import RetmaskError, redact
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,16 @@ SCHEMA_VERSION = 1
 FORMAT = "retmask-pairs"
 MANIFEST = "manifest.json"
 DATA = "data"
-# What makes two runs the same run: resuming may change package versions and paths, never these.
-IDENTITY_KEYS = ("model.id", "model.hash", "masks", "sampling", "seed")
+# What makes two runs the same run: everything that decides the outputs. Resuming may change package
+# versions, paths and the number of actors, never these (the first difference is named on refusal).
+IDENTITY_KEYS = ("model.id", "model.hash", "model.revision", "engine", "chat_template", "masks", "sampling", "seed")
+# Fault injection for the crash tests: RETMASK_FAULT_KILL_AT=<point>[:<nth>] SIGKILLs this process at the
+# nth time it reaches <point> (default the first): ``shard_published`` (shard in place, manifest not yet
+# written) or ``manifest_write`` (half of the new manifest written to its temporary file).
+FAULT_ENV = "RETMASK_FAULT_KILL_AT"
+# A writer that stopped without releasing its lease (kill -9, lost node) blocks a second writer on
+# another host for this long after its last commit; on the same host a dead pid frees it at once.
+LEASE_SECONDS = float(os.environ.get("RETMASK_LEASE_SECONDS", 1800))
 VARIANT_FIELDS = (("text", pa.string()), ("num_tokens", pa.int32()), ("finish_reason", pa.string()))
 _ABSENT = "<absent>"
 
@@ -99,13 +107,37 @@ def output_fs(out: str | Path, filesystem: pafs.FileSystem | None = None) -> tup
     try:
         fs, path = pafs.FileSystem.from_uri(out)
     except (pa.ArrowInvalid, OSError) as err:
-        raise RetmaskError(f"cannot open output location {out} ({err})") from None
+        raise RetmaskError(f"cannot open output location {redact(out)} ({redact(str(err))})") from None
     return fs, path.rstrip("/")
+
+
+_fault_hits: dict[str, int] = {}
+
+
+def _fault(point: str) -> bool:
+    """True when ``$RETMASK_FAULT_KILL_AT`` asks to die at this visit of ``point`` (tests only)."""
+    spec = os.environ.get(FAULT_ENV, "")
+    name, _, nth = spec.partition(":")
+    if name != point:
+        return False
+    _fault_hits[point] = _fault_hits.get(point, 0) + 1
+    return _fault_hits[point] == int(nth or 1)
+
+
+def _die() -> None:
+    import signal
+
+    log.warning("fault injection (%s): SIGKILL", os.environ.get(FAULT_ENV))
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _write_bytes(fs: pafs.FileSystem, path: str, data: bytes | pa.Buffer) -> None:
     """The one place bytes reach storage (tests inject disk errors and crashes here)."""
     with fs.open_output_stream(path) as f:
+        if path.endswith(f"-{MANIFEST}") and "/.tmp-" in path and _fault("manifest_write"):
+            f.write(memoryview(data)[: len(data) // 2])
+            f.flush()
+            _die()
         f.write(data)
     if isinstance(fs, pafs.LocalFileSystem):
         # flush to disk before the rename publishes the file, so a power loss cannot leave it empty
@@ -120,7 +152,8 @@ def _put(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     """Replace a small file atomically: temp + rename locally; one object write on object stores, which
     readers see whole or not at all (pyarrow uploads even small objects as one multipart upload)."""
     if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{path.rsplit('/', 1)[0]}/.tmp-{uuid.uuid4().hex}.json"
+        folder, name = path.rsplit("/", 1)
+        tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{name}"
         try:
             _write_bytes(fs, tmp, data)
             fs.move(tmp, path)
@@ -146,27 +179,72 @@ def _read_manifest(fs: pafs.FileSystem, root: str) -> dict | None:
         with fs.open_input_stream(path) as f:
             return json.loads(f.read())
     except (OSError, ValueError) as err:
-        raise RetmaskError(f"cannot read {path} ({err}); restore it or use a new output directory") from None
+        raise RetmaskError(f"cannot read {redact(path)} ({redact(str(err))}); restore it or use a new output directory") from None
 
 
 def read_manifest(out: str | Path, filesystem: pafs.FileSystem | None = None) -> dict:
-    """The manifest of an output directory (RetmaskError if it has none)."""
+    """The manifest of an output directory (RetmaskError if it has none or it is not a retmask manifest)."""
     fs, root = output_fs(out, filesystem)
     manifest = _read_manifest(fs, root)
     if manifest is None:
-        raise RetmaskError(f"{out} has no {MANIFEST}; it is not a retmask output directory (run `retmask generate`)")
+        raise RetmaskError(f"{redact(str(out))} has no {MANIFEST}; it is not a retmask output directory (run `retmask generate`)")
+    check_manifest(manifest, f"{redact(str(out))}/{MANIFEST}")
     return manifest
 
 
-def _read_shard(fs: pafs.FileSystem, root: str, rel: str, columns: list[str] | None = None) -> pa.Table:
+def check_manifest(manifest: Any, where: str) -> None:
+    """Refuse a manifest of the wrong shape with one line naming the field (not a KeyError later)."""
+    def bad(what: str) -> RetmaskError:
+        return RetmaskError(f"{where}: {what}; it is not a retmask manifest: restore it or use a new output directory")
+
+    if not isinstance(manifest, dict):
+        raise bad(f"holds a {type(manifest).__name__}, expected an object")
+    for key, typ in (("format", str), ("schema_version", int), ("variants", list), ("run_config", dict), ("shards", list)):
+        if not isinstance(manifest.get(key), typ):
+            raise bad(f"field {key!r} is {json.dumps(manifest.get(key), default=str)[:60]}, expected {typ.__name__}")
+    if not all(isinstance(v, str) for v in manifest["variants"]):
+        raise bad("field 'variants' must list variant names")
+    for i, entry in enumerate(manifest["shards"]):
+        fields = (("file", str), ("rows", int), ("sha256", str))
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), t) for k, t in fields):
+            raise bad(f"shards[{i}] must hold file (str), rows (int) and sha256 (str), got {json.dumps(entry)[:80]}")
+
+
+def shard_problems(data: bytes, table: pa.Table | None, entry: dict) -> list[str]:
+    """Why a shard's bytes do not match its manifest entry (checksum, row count); empty if they do."""
+    problems = []
+    if _sha256(data) != entry.get("sha256"):
+        problems.append("sha256 differs from the manifest (modified or truncated)")
+    if table is not None and table.num_rows != entry.get("rows"):
+        problems.append(f"{table.num_rows} rows, manifest says {entry.get('rows')}")
+    return problems
+
+
+def _read_shard(fs: pafs.FileSystem, root: str, entry: dict, columns: list[str] | None = None) -> pa.Table:
+    """A listed shard, verified against its manifest entry: an altered or missing shard is never read as whole."""
+    rel, where = entry["file"], redact(f"{root}/{entry['file']}")
+    todo = f"restore it, or move the output aside and regenerate (`retmask inspect {redact(root)}` lists every problem)"
     try:
-        return pq.read_table(f"{root}/{rel}", filesystem=fs, columns=columns)
+        with fs.open_input_stream(f"{root}/{rel}") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise RetmaskError(f"shard {where} is listed in {MANIFEST} but missing; {todo}") from None
+    except OSError as err:
+        raise RetmaskError(f"shard {where} is unreadable ({redact(str(err))}); {todo}") from None
+    try:
+        table = pq.read_table(pa.BufferReader(data), columns=columns)
     except (OSError, pa.ArrowException) as err:
-        raise RetmaskError(f"shard {root}/{rel} is unreadable ({err}); run `retmask inspect` on the output") from None
+        table, problems = None, [f"not a readable Parquet file ({err})"]
+    else:
+        problems = []
+    problems = shard_problems(data, table, entry) + problems
+    if problems:
+        raise RetmaskError(f"shard {where} does not match {MANIFEST}: {'; '.join(problems)}; {todo}")
+    return table
 
 
 def committed_prompt_ids(out: str | Path, filesystem: pafs.FileSystem | None = None) -> set[str]:
-    """Prompt ids in the shards the manifest lists (what a resumed run skips)."""
+    """Prompt ids in the shards the manifest lists (what a resumed run skips); every shard is verified."""
     fs, root = output_fs(out, filesystem)
     return _committed_ids(fs, root, read_manifest(out, filesystem))
 
@@ -174,8 +252,18 @@ def committed_prompt_ids(out: str | Path, filesystem: pafs.FileSystem | None = N
 def _committed_ids(fs: pafs.FileSystem, root: str, manifest: dict) -> set[str]:
     ids: set[str] = set()
     for shard in manifest["shards"]:
-        ids.update(_read_shard(fs, root, shard["file"], ["prompt_id"]).column("prompt_id").to_pylist())
+        ids.update(_read_shard(fs, root, shard, ["prompt_id"]).column("prompt_id").to_pylist())
     return ids
+
+
+def manifest_digest(manifest: dict) -> str:
+    """Identity of a dataset's content: the run config and the committed shards' checksums, in order.
+
+    Timestamps, sessions and the writer lease change on every reopen without changing a single row.
+    """
+    stable = {"run_config": manifest.get("run_config"), "variants": manifest.get("variants"),
+              "shards": [(s["file"], s["rows"], s["sha256"]) for s in manifest.get("shards", [])]}
+    return "sha256:" + _sha256(json.dumps(stable, sort_keys=True, default=str).encode())
 
 
 def read_pairs_table(
@@ -187,11 +275,11 @@ def read_pairs_table(
     schema = schema_for(manifest["variants"])
     if columns is not None:
         schema = pa.schema([schema.field(c) for c in columns], metadata=schema.metadata)
-    tables = [_read_shard(fs, root, s["file"], columns) for s in manifest["shards"]]
+    tables = [_read_shard(fs, root, s, columns) for s in manifest["shards"]]
     try:
         return pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
     except (pa.ArrowException, ValueError) as err:
-        raise RetmaskError(f"shards in {out} do not share the manifest's schema ({err}); run `retmask inspect`") from None
+        raise RetmaskError(f"shards in {redact(str(out))} do not share the manifest's schema ({err}); run `retmask inspect`") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -240,9 +328,11 @@ class ShardWriter:
     """Commits shards to one output directory; create it with ``open_run``."""
 
     def __init__(self, out: str, fs: pafs.FileSystem, root: str, manifest: dict, committed: set[str]):
-        self.out, self.fs, self.root, self.manifest = out, fs, root, manifest
+        # ``out`` is only shown to people: credentials in a URI never reach a message, the card or a log.
+        self.out, self.fs, self.root, self.manifest = redact(out), fs, root, manifest
         self.schema = schema_for(manifest["variants"])
         self.committed_ids = committed
+        self._lease_id: str | None = None
 
     @property
     def num_rows(self) -> int:
@@ -270,6 +360,8 @@ class ShardWriter:
         rel = f"{DATA}/part-{len(self.manifest['shards']):05d}-{key[:8]}.parquet"
         entry = {"file": rel, "rows": len(ids), "sha256": _sha256(data), "prompt_ids_hash": _ids_hash(ids)}
         manifest = {**self.manifest, "shards": [*self.manifest["shards"], entry], "updated_at": _now()}
+        if "writer" in manifest:
+            manifest["writer"] = {**manifest["writer"], "heartbeat": manifest["updated_at"]}
         manifest["num_rows"] = sum(s["rows"] for s in manifest["shards"])
         self._check_single_writer()
         final, tmp = f"{self.root}/{rel}", f"{self.root}/{DATA}/.tmp-{key}.parquet"
@@ -280,13 +372,16 @@ class ShardWriter:
                 self._publish(tmp, final)
             else:  # no rename on object stores: the manifest write below is the commit
                 _write_bytes(self.fs, final, data)
+            if _fault("shard_published"):
+                _die()
             where = f"{self.root}/{MANIFEST}"
             _put(self.fs, where, _manifest_bytes(manifest))
         except BaseException as err:  # including KeyboardInterrupt: never leave a half-made shard behind
             self._discard(tmp, final, rel)
             if isinstance(err, OSError):
                 raise RetmaskError(
-                    f"cannot write {where} ({err}); committed shards are intact: fix the storage and rerun to resume"
+                    f"cannot write {redact(where)} ({redact(str(err))}); committed shards are intact: fix the storage "
+                    "and rerun to resume"
                 ) from None
             raise
         self.manifest = manifest
@@ -296,6 +391,33 @@ class ShardWriter:
 
     def _publish(self, tmp: str, final: str) -> None:
         self.fs.move(tmp, final)  # rename: atomic on a local filesystem
+
+    def close(self) -> None:
+        """Release the writer lease, so another process may reopen the run at once."""
+        if self.manifest.get("writer", {}).get("id") != self._lease_id:
+            return
+        manifest = {k: v for k, v in self.manifest.items() if k != "writer"}
+        try:
+            self._check_single_writer()
+            _put(self.fs, f"{self.root}/{MANIFEST}", _manifest_bytes(manifest))
+            self.manifest = manifest
+        except (OSError, RetmaskError) as err:
+            log.warning("could not release the writer lease of %s (%s)", self.out, redact(str(err)))
+
+    def discard_if_new(self) -> bool:
+        """Remove the output this writer created if nothing was ever committed (no half-made output)."""
+        if self.manifest["shards"] or len(self.manifest.get("sessions", [])) > 1:
+            return False
+        self._lease_id = None  # nothing left to release
+        for rel in (MANIFEST, "README.md", "rejects.jsonl"):
+            _delete_quietly(self.fs, f"{self.root}/{rel}")
+        for root in (f"{self.root}/{DATA}", self.root):
+            try:
+                if not self.fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+                    self.fs.delete_dir(root)
+            except OSError:
+                pass  # object stores have no directories; a leftover empty local dir is harmless
+        return True
 
     def _table(self, rows: Sequence[Mapping[str, Any]] | pa.Table) -> pa.Table:
         if isinstance(rows, pa.Table):
@@ -361,20 +483,27 @@ def open_run(
         if manifest is None:
             names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(root))} - {DATA} | set(_listing(fs, root))
             if any(not n.startswith(".tmp-") for n in names):
-                raise RetmaskError(f"{out} already holds files but no {MANIFEST}; use an empty or new output directory")
+                raise RetmaskError(
+                    f"{redact(out)} already holds files but no {MANIFEST}; use an empty or new output directory")
             manifest = {
                 "format": FORMAT, "schema_version": SCHEMA_VERSION, "variants": list(variants), "run_config": config,
                 "created_at": _now(), "updated_at": _now(), "num_rows": 0, "shards": [], "sessions": [],
             }
         else:
-            _check_same_run(out, manifest, config, list(variants))
+            check_manifest(manifest, f"{redact(out)}/{MANIFEST}")
+            _check_same_run(redact(out), manifest, config, list(variants))
+            _check_lease(redact(out), manifest.get("writer"))
         _remove_orphans(fs, root, {s["file"] for s in manifest["shards"]})
         session = {"started_at": _now(), "packages": config.get("packages")}  # versions may drift across resumes
         manifest = {**manifest, "sessions": [*manifest.get("sessions", []), session]}
+        lease = _lease()
+        manifest["writer"] = lease
         _put(fs, f"{root}/{MANIFEST}", _manifest_bytes(manifest))  # also proves the location is writable
     except OSError as err:
-        raise RetmaskError(f"cannot write to output directory {out} ({err}); pick a writable location") from None
+        raise RetmaskError(
+            f"cannot write to output directory {redact(out)} ({redact(str(err))}); pick a writable location") from None
     writer = ShardWriter(out, fs, root, manifest, _committed_ids(fs, root, manifest))
+    writer._lease_id = lease["id"]
     writer._write_card()
     if manifest["shards"]:
         log.info("resuming %s: %d rows in %d shards already committed", out, writer.num_rows, len(manifest["shards"]))
@@ -395,6 +524,54 @@ def _check_same_run(out: str, manifest: dict, config: dict, variants: list[str])
         diff = _first_difference(_lookup(manifest["run_config"], key), _lookup(config, key), key)
         if diff:
             raise RetmaskError(f"{out} was made by a different run: {diff}; use a new output directory to change it")
+
+
+def _lease() -> dict:
+    import socket
+
+    return {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "since": _now()}
+
+
+def _check_lease(out: str, lease: dict | None) -> None:
+    """Refuse a second writer while the first may still be alive (one writer per output directory).
+
+    Same host: the lease holder's pid tells (a kill -9'd driver frees it at once). Another host: the last
+    commit's age, since a remote process cannot be probed (``RETMASK_LEASE_SECONDS``, default 30 min).
+    """
+    import socket
+
+    if not isinstance(lease, dict):
+        return
+    holder = f"pid {lease.get('pid')} on {lease.get('host')} (since {lease.get('since')})"
+    if lease.get("host") == socket.gethostname():
+        pid = lease.get("pid")
+        if isinstance(pid, int) and pid != os.getpid() and _alive(pid):
+            raise RetmaskError(f"{out} is being written by {holder}; only one writer may use an output directory: "
+                               "wait for it to finish or stop it, then rerun")
+        return
+    last = max(lease.get("since", ""), lease.get("heartbeat", ""))
+    try:
+        age = (dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(last)).total_seconds()
+    except ValueError:
+        return
+    if age < LEASE_SECONDS:
+        raise RetmaskError(
+            f"{out} is being written by {holder}, last commit {age:.0f} s ago; only one writer may use an output "
+            f"directory: stop that writer, or if it is dead rerun after {LEASE_SECONDS - age:.0f} s")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (killed, not yet reaped by its parent) holds no lease
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def _listing(fs: pafs.FileSystem, root: str) -> list[str]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +41,15 @@ class HeadScores:
         trials: dict[Head, list[float]] = {}
         for key, values in raw.items():
             head = _parse_key(key, path)
-            if isinstance(values, (int, float)):
+            if head in trials:
+                raise RetmaskError(
+                    f"score file {path}: head {head[0]}-{head[1]} appears twice (as {key!r}); keep one entry"
+                )
+            if _is_number(values):
                 values = [values]
-            if not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values):
-                raise RetmaskError(f"score file {path}: entry {key!r} must be a list of numbers")
-            trials[head] = [float(v) for v in values]
+            if not isinstance(values, list):
+                raise RetmaskError(f"score file {path}: entry {key!r} must be a list of numbers, got {_shown(values)}")
+            trials[head] = _finite_scores(values, key, path)
         return cls(trials, source=str(path))
 
     def save(self, path: str | Path) -> None:
@@ -112,9 +118,37 @@ class HeadScores:
 
 def _parse_key(key: str, path: Path) -> Head:
     parts = key.split("-")
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+    # isascii: str.isdigit accepts digits such as '²' that int() refuses
+    if len(parts) != 2 or not all(p.isascii() and p.isdigit() for p in parts):
         raise RetmaskError(f"score file {path}: key {key!r} is not 'layer-head' (e.g. '17-3')")
     return int(parts[0]), int(parts[1])
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)  # JSON true/false are not scores
+
+
+def _shown(value: object) -> str:
+    """A value as it reads in the JSON file (NaN, Infinity, "0.5", true, null), cut to stay one line."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _finite_scores(values: list, key: str, path: Path) -> list[float]:
+    # Python's json module accepts the non-standard literals NaN and Infinity (and 1e999 overflows to inf);
+    # one such value would make every mean, rank and threshold comparison of that head meaningless.
+    if not values:
+        raise RetmaskError(
+            f"score file {path}: head {key!r} has an empty score list; every head needs at least one counted "
+            "trial: regenerate the file with `retmask detect`"
+        )
+    for i, v in enumerate(values):
+        if not _is_number(v) or not math.isfinite(v):
+            raise RetmaskError(
+                f"score file {path}: head {key!r} score {i} is {_shown(v)}, not a finite number; "
+                "fix that entry or regenerate the file with `retmask detect`"
+            )
+    return [float(v) for v in values]
 
 
 # --- selection strategies, registered by name ---------------------------------------------------
@@ -130,21 +164,37 @@ def _selector(name: str):
     return register
 
 
+def _check_k(scores: HeadScores, k: object) -> None:
+    n = len(scores.trials)
+    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or not 1 <= k <= n:
+        raise RetmaskError(
+            f"k must be a whole number from 1 to {n} (the heads in {scores.source}), got {_shown(k)}; "
+            "pick k in that range"
+        )
+
+
 @_selector("threshold")
 def select_threshold(scores: HeadScores, threshold: float = 0.1, **_) -> list[Head]:
     """Every head whose mean score is >= threshold (RetMask's default rule, t = 0.1)."""
+    if not _is_number(threshold) or not math.isfinite(threshold) or threshold <= 0:
+        raise RetmaskError(
+            f"threshold must be a finite number above 0 (RetMask uses 0.1), got {_shown(threshold)}; "
+            "a threshold of 0 or less would select every head"
+        )
     return sorted(h for h, s in scores.ranked() if s >= threshold)
 
 
 @_selector("top_k")
 def select_top_k(scores: HeadScores, k: int = 5, **_) -> list[Head]:
     """The k best-scoring heads."""
+    _check_k(scores, k)
     return sorted(h for h, _ in scores.ranked()[:k])
 
 
 @_selector("random_nonretrieval")
 def select_random_nonretrieval(scores: HeadScores, k: int = 5, seed: int = 0, exclude: list[Head] | None = None, **_) -> list[Head]:
     """k random heads outside ``exclude`` (default: the top-k retrieval heads), seeded."""
+    _check_k(scores, k)
     excluded = set(exclude if exclude is not None else select_top_k(scores, k=k))
     pool = [h for h in scores.heads if h not in excluded]
     if k > len(pool):
@@ -155,6 +205,7 @@ def select_random_nonretrieval(scores: HeadScores, k: int = 5, seed: int = 0, ex
 @_selector("random_all")
 def select_random_all(scores: HeadScores, k: int = 5, seed: int = 0, **_) -> list[Head]:
     """k random heads from all heads, seeded."""
+    _check_k(scores, k)
     return sorted(random.Random(seed).sample(scores.heads, k))
 
 
@@ -162,4 +213,10 @@ def select_heads(scores: HeadScores, strategy: str = "threshold", **kwargs) -> l
     """Pick heads by a registered strategy (threshold, top_k, random_nonretrieval, random_all)."""
     if strategy not in SELECTORS:
         raise RetmaskError(f"unknown head selection {strategy!r}; choose one of {sorted(SELECTORS)}")
+    for (layer, head), values in sorted(scores.trials.items()):
+        if not values:  # a mean of 0.0 would stand in for "never measured" and rank the head silently
+            raise RetmaskError(
+                f"head {layer}-{head} in {scores.source} has no scores; every head needs at least one counted "
+                "trial: regenerate the scores with `retmask detect`"
+            )
     return SELECTORS[strategy](scores, **kwargs)

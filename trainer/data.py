@@ -11,6 +11,10 @@ read time, and every removal is counted so a run can say what it threw away:
 Each pair is counted by the first filter that removes it, in that order. The eval split is decided by a
 hash of the prompt id alone, so the same prompts are held out whatever variants are paired (the
 ``random_masked`` control is evaluated on the same prompts as ``retrieval_masked``).
+
+``stats["pairs_digest"]`` identifies the pairs read: a hash of the committed shards' checksums in manifest
+order (``pairs_digest``), so a moved or copied directory keeps its identity and any added, removed or
+rewritten shard changes it. The trainer records it and refuses to resume a run on different pairs.
 """
 
 from __future__ import annotations
@@ -49,6 +53,18 @@ def eval_bucket(prompt_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+def pairs_digest(manifest: dict) -> str:
+    """Identity of a pair directory's content: sha256 over its committed shards' sha256 list, in order.
+
+    Volatile manifest fields (``updated_at``, ``sessions``, paths) stay out, so resuming generation without
+    committing anything, or moving the directory, keeps the digest.
+    """
+    shards = manifest.get("shards", [])
+    # every manifest since schema version 1 records a shard's sha256; the file name stands in otherwise
+    lines = [str(s.get("sha256") or s.get("file")) for s in shards]
+    return "sha256:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
 def load_pairs(
     shards_dir: str | Path,
     chosen: str = "normal",
@@ -69,7 +85,7 @@ def load_pairs(
         raise RetmaskError(f"chosen and rejected are both {chosen!r}; pick two different variants")
     if not 0.0 <= eval_fraction < 1.0:
         raise RetmaskError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    table = _read_table(shards_dir, chosen, rejected)
+    table, manifest = _read_table(shards_dir, chosen, rejected)
     rows = table.to_pylist()
     removed = dict.fromkeys(FILTERS, 0)
     kept = []
@@ -80,7 +96,8 @@ def load_pairs(
         else:
             kept.append(row)
     stats = {
-        "shards_dir": str(shards_dir), "chosen": chosen, "rejected": rejected, "rows": len(rows),
+        "shards_dir": str(shards_dir), "pairs_digest": pairs_digest(manifest),
+        "shards": len(manifest.get("shards", [])), "chosen": chosen, "rejected": rejected, "rows": len(rows),
         "removed": removed, "pairs": len(kept),
     }
     if not kept:
@@ -113,7 +130,7 @@ def load_pairs(
     )
 
 
-def _read_table(shards_dir: str | Path, chosen: str, rejected: str) -> pa.Table:
+def _read_table(shards_dir: str | Path, chosen: str, rejected: str) -> tuple[pa.Table, dict]:
     manifest = read_manifest(shards_dir)  # RetmaskError when the directory has no manifest
     fmt, version = manifest.get("format"), manifest.get("schema_version")
     if fmt != SUPPORTED_FORMAT or version not in SUPPORTED_SCHEMA_VERSIONS:
@@ -140,7 +157,7 @@ def _read_table(shards_dir: str | Path, chosen: str, rejected: str) -> pa.Table:
         absent = [c for c in columns if c not in names]
         if absent:
             raise RetmaskError(f"shard {path} lacks columns {absent}; it does not follow the pair schema (run `retmask inspect`)")
-    return read_pairs_table(shards_dir, columns=columns)
+    return read_pairs_table(shards_dir, columns=columns), manifest
 
 
 def _rejection(row: dict, chosen: str, rejected: str, drop_truncated: bool, max_tokens: int | None) -> str | None:

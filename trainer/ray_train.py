@@ -17,7 +17,7 @@ import json
 import logging
 from pathlib import Path
 
-from retrieval_heads.errors import RetmaskError
+from retrieval_heads.errors import RetmaskError, run_cli
 from trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -91,12 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--storage-path", help="where Ray persists the final checkpoint (default <out>/ray)")
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        print(train_on_ray(config_from_args(ns), ns.workers, use_gpu=ns.gpu, cpus_per_worker=ns.cpus_per_worker,
-                           storage_path=ns.storage_path))
-    except RetmaskError as err:
-        raise SystemExit(f"retmask: {err}") from None
+    print(train_on_ray(config_from_args(ns), ns.workers, use_gpu=ns.gpu, cpus_per_worker=ns.cpus_per_worker,
+                       storage_path=ns.storage_path))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # the run contract: one-line user errors (exit 1), usage 2, Ctrl-C 130, SIGTERM 143

@@ -12,7 +12,7 @@ def retmask(*args, cwd=None):
 
 
 def assert_one_line_error(result, *needles):
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == 1, result.stderr
     errors = [l for l in result.stderr.splitlines() if l.startswith("retmask: error:")]
     assert len(errors) == 1, result.stderr
     assert "Traceback" not in result.stderr

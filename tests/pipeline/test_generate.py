@@ -153,7 +153,7 @@ def test_rerunning_a_finished_run_starts_no_engine_and_writes_nothing(run, monke
 def test_strict_refuses_a_bad_row_and_keeps_committed_shards(run):
     shards = read_manifest(run.out)["shards"]
     result = retmask("generate", "--config", str(run.config), "--strict")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.returncode == 1 and "Traceback" not in result.stderr
     [error] = [line for line in result.stderr.splitlines() if line.startswith("retmask: error:")]
     assert "bad prompt row (empty text)" in error and "--strict" in error
     assert read_manifest(run.out)["shards"] == shards and read_pairs_table(run.out).num_rows == len(GOOD)
@@ -184,7 +184,7 @@ def test_unwritable_output_is_one_clear_error(tmp_path, embedded_model_path):
     config = write_config(tmp_path / "c.yaml", prompts=str(prompts), scores=str(write_scores(tmp_path / "s.json")),
                           out=str(blocker / "out"))
     result = retmask("generate", "--config", str(config))
-    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"cannot write to output directory {blocker}/out" in result.stderr
 
 
@@ -216,22 +216,24 @@ def test_shipped_configs_load_and_follow_the_paper():
 # object storage: a real S3 API (moto) on localhost
 
 
-def test_object_store_output_with_resume(tmp_path, embedded_model_path):
+def test_object_store_output_with_resume_never_writes_or_prints_uri_credentials(tmp_path, embedded_model_path):
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
         host, port = server.get_host_and_port()
-        fs = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", access_key="testing",
-                               secret_key="testing", region="us-east-1", allow_bucket_creation=True)
+        key, secret = "AKIARETMASKKEY0001", "s3cr3t-Xyz-9876"
+        fs = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", access_key=key,
+                               secret_key=secret, region="us-east-1", allow_bucket_creation=True)
         bucket = f"retmask-{uuid.uuid4().hex[:8]}"
         fs.create_dir(bucket)
-        uri = f"s3://{bucket}/pairs?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+        # credentials in the URI itself (userinfo), as users paste them; no AWS_* variables are set
+        uri = f"s3://{key}:{secret}@{bucket}/pairs?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
         rows = prompt_rows(8)
         config = write_config(tmp_path / "c.yaml", prompts=str(write_prompts(tmp_path / "p.jsonl", rows)),
                               scores=str(write_scores(tmp_path / "s.json")), out=uri)
-        env = child_env(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+        env = {k: v for k, v in child_env().items() if not k.startswith("AWS_")}
         first = retmask("generate", "--config", str(config), env=env)
         assert first.returncode == 0, first.stderr[-3000:]
         # Resume reads what is committed from the bucket: nothing is left, so nothing starts or is written.
@@ -244,6 +246,10 @@ def test_object_store_output_with_resume(tmp_path, embedded_model_path):
         listed = sorted(s["file"] for s in read_manifest(out, fs)["shards"])
         stored = sorted(f"data/{i.base_name}" for i in fs.get_file_info(pafs.FileSelector(f"{out}/data")))
         assert stored == listed
+        written = [fs.open_input_stream(f"{out}/{name}").read().decode() for name in ("manifest.json", "README.md")]
+        for text in [*written, first.stdout, first.stderr, resumed.stdout, resumed.stderr]:
+            assert key not in text and secret not in text
+        assert f"s3://{bucket}/pairs" in first.stdout  # the location is still named, without its credentials
     finally:
         server.stop()
 

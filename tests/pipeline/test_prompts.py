@@ -231,3 +231,120 @@ def test_a_prompt_stream_is_single_pass(tmp_path):
     assert collect(stream)
     with pytest.raises(RuntimeError, match="single-pass"):
         collect(stream)
+
+
+# --- undecodable input: one bad line is a reject, a file that cannot be read is a user error ------------------
+
+
+def gzip_rows(n: int) -> bytes:
+    import gzip
+
+    lines = "".join(json.dumps({"prompt": f"question {i} " + "x" * (i % 40)}) + "\n" for i in range(n))
+    return gzip.compress(lines.encode())
+
+
+def one_line_error(path, source="jsonl", match=None):
+    with pytest.raises(RetmaskError, match=match) as err:
+        collect(load_prompts(source, path))
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+    return str(err.value)
+
+
+def test_a_line_that_is_not_utf8_becomes_a_reject_and_the_lines_after_it_still_load(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_bytes(b'{"prompt": "first"}\n{"prompt": "caf\xe9 au lait"}\n{"prompt": "third"}\n')
+    stream = load_prompts("jsonl", f)
+    assert [p.text for p in collect(stream)] == ["first", "third"]
+    assert stream.reject_counts == {"not UTF-8": 1}
+    reject = stream.rejects[0]
+    assert reject.reason == "not UTF-8: line 2, byte 16 (invalid continuation byte)"
+    assert reject.row == {"file": str(f), "line": 2, "text": '{"prompt": "caf\\xe9 au lait"}\n'}
+    json.dumps(reject.row)  # rejects.jsonl must be able to hold it
+
+
+def test_a_file_none_of_whose_lines_is_utf8_is_a_user_error_naming_it(tmp_path):
+    f = tmp_path / "latin1.jsonl"
+    f.write_bytes('{"prompt": "café"}\n\n{"prompt": "crème"}\n'.encode("latin-1"))
+    assert "none of its 2 lines is UTF-8; convert it to UTF-8" in one_line_error(f)
+
+
+def test_a_utf8_byte_order_mark_is_not_a_reject(tmp_path):
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes(b'\xef\xbb\xbf{"prompt": "first"}\n{"prompt": "second"}\n')
+    stream = load_prompts("jsonl", f)
+    assert [p.text for p in collect(stream)] == ["first", "second"] and not stream.rejects
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupted"])
+def test_a_broken_gzip_stream_is_a_user_error_naming_the_file_and_the_last_good_line(tmp_path, damage):
+    # nothing after the break can be decompressed, so the file is unusable rather than one line bad
+    data = bytearray(gzip_rows(3000))
+    mid = len(data) // 2
+    if damage == "truncated":
+        data = data[:mid]
+    else:
+        data[mid:mid + 50] = bytes(b ^ 0x55 for b in data[mid:mid + 50])
+    f = tmp_path / "p.jsonl.gz"
+    f.write_bytes(bytes(data))
+    one_line_error(f, match=r"is a broken gzip stream after line \d+ \(.+\); re-download or re-compress it")
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("plain.jsonl.gz", b'{"prompt": "a"}\n', "is not gzip-compressed .*rename it to .jsonl"),
+    ("packed.jsonl", None, "is gzip-compressed; name it .jsonl.gz"),
+    ("utf16.jsonl", '{"prompt": "a"}\n'.encode("utf-16"), "is UTF-16 text; convert it to UTF-8"),
+    ("binary.jsonl", b"\x00\x01\x02garbage\n", "binary, not JSON lines text"),
+])
+def test_a_jsonl_file_that_is_not_jsonl_text_is_a_user_error(tmp_path, name, content, match):
+    f = tmp_path / name
+    f.write_bytes(gzip_rows(3) if content is None else content)
+    one_line_error(f, match=match)
+
+
+def test_a_parquet_file_given_to_the_jsonl_source_points_at_the_parquet_source(tmp_path):
+    pq.write_table(pa.table({"prompt": ["a"]}), tmp_path / "p.parquet")
+    one_line_error(tmp_path / "p.parquet", match="is a Parquet file; use the parquet source")
+
+
+@pytest.mark.parametrize("name", ["p.parquet", "p.jsonl"])
+def test_a_file_that_is_not_parquet_given_to_the_parquet_source_is_a_user_error(tmp_path, name):
+    # read as Parquet whatever its name: the source says the format, the suffix does not
+    f = write_jsonl(tmp_path / name, [{"prompt": "a"}])
+    one_line_error(f, "parquet", match="is not a readable Parquet file .*; give a Parquet file, or the jsonl source")
+
+
+def test_a_damaged_parquet_file_is_a_user_error_naming_the_last_good_row(tmp_path):
+    f = tmp_path / "p.parquet"
+    table = pa.table({"prompt": [f"q{i} " * 20 for i in range(5000)]})
+    pq.write_table(table, f, row_group_size=500, compression="snappy")
+    data = bytearray(f.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 200] = bytes(b ^ 0x55 for b in data[mid:mid + 200])
+    f.write_bytes(bytes(data))
+    one_line_error(f, "parquet", match=r"is damaged after row \d+ .*; re-export or re-download it")
+
+
+def test_a_directory_without_matching_files_says_which_source_reads_what_it_holds(tmp_path):
+    pq.write_table(pa.table({"prompt": ["a"]}), tmp_path / "p.parquet")
+    with pytest.raises(RetmaskError, match="is a directory with no .jsonl/.jsonl.gz files; it holds parquet files: "
+                                           "use the parquet source"):
+        load_prompts("jsonl", tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RetmaskError, match="no .parquet files; give a file or a directory"):
+        load_prompts("parquet", tmp_path / "empty")
+
+
+def test_a_path_that_is_neither_file_nor_directory_is_a_user_error(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    with pytest.raises(RetmaskError, match="pipe.jsonl is neither a file nor a directory"):
+        load_prompts("jsonl", tmp_path / "pipe.jsonl")
+
+
+def test_an_undecodable_data_file_of_a_streamed_hf_dataset_is_a_user_error(tmp_path):
+    d = tmp_path / "files"
+    d.mkdir()
+    (d / "train.jsonl").write_bytes(b'{"prompt": "caf\xe9"}\n')
+    with pytest.raises(RetmaskError, match=r"cannot read dataset .*files after row 0 \(UnicodeDecodeError"):
+        collect(load_prompts("hf_dataset", d))

@@ -294,17 +294,24 @@ def test_disk_error_during_a_commit_is_a_user_error_and_keeps_committed_shards(t
     assert data_files(out) == listed_files(out) and committed_prompt_ids(out) == {"p0"}
 
 
-def test_model_hash_follows_config_and_weight_files_without_reading_weights(tmp_path):
+def test_model_hash_follows_weight_contents_and_caches_them_by_path_mtime_and_size(tmp_path, monkeypatch):
+    monkeypatch.setenv("RETMASK_HOME", str(tmp_path / "home"))
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"num_hidden_layers": 2}))
-    (model / "model.safetensors").write_bytes(b"\0" * 100)
+    weights = model / "model.safetensors"
+    weights.write_bytes(b"\0" * 100)
     first = hash_model_dir(model)
     assert first.startswith("sha256:") and hash_model_dir(model) == first
-    (model / "model.safetensors").write_bytes(b"\1" * 100)  # same name and size: by design not re-read
-    assert hash_model_dir(model) == first
-    (model / "model.safetensors").write_bytes(b"\1" * 101)
-    assert hash_model_dir(model) != first
+    weights.write_bytes(b"\1" * 100)  # a fine-tune: same tensor names and sizes, other values
+    second = hash_model_dir(model)
+    assert second != first
+    cache = json.loads((tmp_path / "home" / "file_hashes.json").read_text())
+    assert any(key.startswith(str(weights.resolve())) for key in cache)
+    stat = weights.stat()
+    weights.write_bytes(b"\2" * 100)  # same mtime and size: the cached digest is trusted, the file not re-read
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert hash_model_dir(model) == second
     with pytest.raises(RetmaskError, match="does not exist"):
         hash_model_dir(tmp_path / "missing")
 
@@ -387,3 +394,132 @@ def test_s3_uri_resolves_through_pyarrow(s3, s3_endpoint, monkeypatch):
     uri = f"s3://{bucket}/viauri?endpoint_override={s3_endpoint}&scheme=http&region=us-east-1"
     open_run(uri, CONFIG, VARIANTS).write_shard(rows(["p0"]))
     assert committed_prompt_ids(f"{bucket}/viauri", fs) == {"p0"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# integrity on read, a second writer, and kill -9 at the commit's two dangerous moments
+
+
+def _alter_first_shard(out) -> str:
+    rel = read_manifest(out)["shards"][0]["file"]
+    table = pq.read_table(out / rel)
+    texts = table.column("normal__text").to_pylist()
+    table = table.set_column(table.schema.get_field_index("normal__text"), "normal__text",
+                             pa.array(["tampered"] + texts[1:], pa.string()))
+    pq.write_table(table, out / rel)  # same rows, valid Parquet: only the checksum can tell
+    return rel
+
+
+def test_an_altered_listed_shard_is_refused_by_readers_and_by_resume_naming_it(tmp_path):
+    out = tmp_path / "out"
+    writer = open_run(out, CONFIG, VARIANTS)
+    writer.write_shard(rows(["p0", "p1"]))
+    writer.close()
+    rel = _alter_first_shard(out)
+    with pytest.raises(RetmaskError, match=rf"shard .*{rel} does not match manifest.json: sha256 differs.*restore it"):
+        read_pairs_table(out)
+    with pytest.raises(RetmaskError, match=rf"{rel} does not match manifest.json"):
+        open_run(out, CONFIG, VARIANTS)
+    (out / rel).unlink()
+    with pytest.raises(RetmaskError, match=rf"{rel} is listed in manifest.json but missing"):
+        committed_prompt_ids(out)
+
+
+def test_a_listed_shard_with_another_row_count_is_refused(tmp_path):
+    out = tmp_path / "out"
+    writer = open_run(out, CONFIG, VARIANTS)
+    entry = writer.write_shard(rows(["p0", "p1"]))
+    manifest = read_manifest(out)
+    manifest["shards"][0]["rows"] = 3
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RetmaskError, match=rf"{entry['file']} does not match manifest.json: 2 rows, manifest says 3"):
+        read_pairs_table(out)
+
+
+@pytest.mark.parametrize("manifest, field", [
+    ([1, 2], "holds a list"),
+    ({"format": "retmask-pairs", "schema_version": 1, "variants": ["normal"], "run_config": {}}, "'shards'"),
+    ({"format": "retmask-pairs", "schema_version": 1, "variants": ["normal"], "run_config": {}, "shards": [{"file": 3}]},
+     r"shards\[0\]"),
+])
+def test_a_manifest_of_the_wrong_shape_is_one_line_naming_the_field(tmp_path, manifest, field):
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RetmaskError, match=rf"manifest.json: .*{field}.*not a retmask manifest"):
+        read_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("engine", {"dtype": "bfloat16", "max_model_len": 4096}),
+    ("chat_template", {"sha256": "other", "kwargs": {}}),
+    ("model", {**CONFIG["model"], "revision": "abc123"}),
+])
+def test_resume_identity_covers_dtype_context_chat_template_and_revision(tmp_path, key, value):
+    out = tmp_path / "out"
+    base = {**CONFIG, "engine": {"dtype": "float32", "max_model_len": 4096}, "chat_template": {"sha256": "t", "kwargs": {}}}
+    open_run(out, base, VARIANTS).close()
+    with pytest.raises(RetmaskError, match=rf"made by a different run: {key}\."):
+        open_run(out, {**base, key: value}, VARIANTS)
+
+
+def _open_in_another_process(out: str, endpoint: str | None = None) -> subprocess.CompletedProcess:
+    code = textwrap.dedent(f"""
+        import sys
+        import pyarrow.fs as pafs
+        from pipeline.shards import open_run
+        from retrieval_heads.errors import RetmaskError
+        fs = None if {endpoint!r} is None else pafs.S3FileSystem(endpoint_override={endpoint!r}, scheme="http",
+            access_key="testing", secret_key="testing", region="us-east-1")
+        try:
+            open_run({out!r}, {CONFIG!r}, {VARIANTS!r}, filesystem=fs).close()
+        except RetmaskError as err:
+            print(err, file=sys.stderr)
+            sys.exit(1)
+    """)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_a_second_writer_on_the_same_output_is_refused_while_the_first_lives(tmp_path):
+    out = tmp_path / "out"
+    writer = open_run(out, CONFIG, VARIANTS)
+    writer.write_shard(rows(["p0"]))
+    second = _open_in_another_process(str(out))
+    assert second.returncode == 1 and f"is being written by pid {os.getpid()}" in second.stderr
+    assert committed_prompt_ids(out) == {"p0"}
+    writer.write_shard(rows(["p1"]))  # the first writer is untouched by the refusal
+    writer.close()  # releases the lease: the next writer may open it at once
+    assert _open_in_another_process(str(out)).returncode == 0
+
+
+def test_a_second_writer_on_the_same_object_store_prefix_is_refused(s3, s3_endpoint):
+    fs, bucket = s3
+    out = f"{bucket}/two-writers"
+    writer = open_run(out, CONFIG, VARIANTS, filesystem=fs)
+    writer.write_shard(rows(["p0"]))
+    second = _open_in_another_process(out, s3_endpoint)
+    assert second.returncode == 1 and "only one writer may use an output directory" in second.stderr
+    writer.close()
+    assert _open_in_another_process(out, s3_endpoint).returncode == 0
+
+
+@pytest.mark.parametrize("point", ["shard_published", "manifest_write"])
+def test_kill_9_inside_a_commit_keeps_every_committed_shard_and_the_rerun_cleans_up(tmp_path, point):
+    out = tmp_path / "out"
+    code = textwrap.dedent(f"""
+        from pipeline.shards import open_run, make_row
+        rows = lambda ids: [make_row(i, "q", 1, 2, {{"normal": ("a", 1, "stop"), "retrieval_masked": ("b", 1, "stop")}})
+                            for i in ids]
+        writer = open_run({str(out)!r}, {CONFIG!r}, {VARIANTS!r})
+        writer.write_shard(rows(["p0", "p1"]))
+        writer.write_shard(rows(["p2"]))  # killed inside this commit
+        raise SystemExit("not killed")
+    """)
+    env = {**os.environ, "RETMASK_FAULT_KILL_AT": f"{point}:{2 if point == 'shard_published' else 3}"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == -9, proc.stderr  # SIGKILL, the writer had no chance to clean up
+    assert committed_prompt_ids(out) == {"p0", "p1"}  # the half-done commit does not count
+    leftovers = sorted(p.name for p in (out / "data").iterdir()) + [p.name for p in out.glob(".tmp-*")]
+    assert len(leftovers) > len(listed_files(out))  # the kill left a file behind ...
+    writer = open_run(out, CONFIG, VARIANTS)  # ... the lease of the dead pid is free, and reopening removes it
+    assert data_files(out) == listed_files(out) and not list(out.glob(".tmp-*"))
+    writer.write_shard(rows(["p2"]))
+    assert committed_prompt_ids(out) == {"p0", "p1", "p2"}

@@ -85,7 +85,9 @@ def test_uniform_scores_are_not_sparse():
 
 @pytest.mark.parametrize(
     "content, message",
-    [("", "not readable JSON"), ("{}", "empty"), ('{"a-b": [1]}', "not 'layer-head'"), ('{"0-0": ["x"]}', "list of numbers")],
+    [("", "not readable JSON"), ("{}", "empty"), ('{"a-b": [1]}', "not 'layer-head'"),
+     ('{"0-0": {"a": 1}}', "list of numbers"), ('{"\u00b2-0": [1]}', "not 'layer-head'"),
+     ('{"1-2": [1], "01-2": [1]}', "head 1-2 appears twice")],
 )
 def test_bad_score_files_raise_one_clear_line(tmp_path, content, message):
     path = tmp_path / "bad.json"
@@ -106,3 +108,65 @@ def test_score_file_for_another_model_shape_is_refused(tmp_path):
         scores.check_shape(ModelShape(3, 3, 1, 8, 512))
     with pytest.raises(RetmaskError, match="has 12 heads but the model has 20"):
         scores.check_shape(ModelShape(4, 5, 1, 8, 512))
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999", '"0.5"', "true", "null", "[0.5]"])
+def test_a_score_that_is_not_a_finite_number_is_refused_naming_the_head_and_the_file(tmp_path, literal):
+    # Python's json module reads NaN/Infinity literals and 1e999 as floats: they must not reach the means
+    path = tmp_path / "scores.json"
+    path.write_text('{"0-0": [0.1, 0.2], "2-1": [0.3, %s]}' % literal)
+    with pytest.raises(RetmaskError, match=r"scores\.json: head '2-1' score 1 is .* not a finite number") as err:
+        HeadScores.load(path)
+    assert "\n" not in str(err.value)
+
+
+def test_a_bare_number_is_one_trial_but_a_bare_bool_is_not_a_score(tmp_path):
+    path = tmp_path / "scores.json"
+    path.write_text('{"0-0": 0.5, "0-1": 1}')
+    assert HeadScores.load(path).trials == {(0, 0): [0.5], (0, 1): [1.0]}
+    path.write_text('{"0-0": true}')
+    with pytest.raises(RetmaskError, match="'0-0' must be a list of numbers, got true"):
+        HeadScores.load(path)
+
+
+def test_an_empty_score_list_is_refused_when_loading(tmp_path):
+    path = tmp_path / "scores.json"
+    path.write_text('{"0-0": [0.5], "1-2": []}')
+    with pytest.raises(RetmaskError, match=r"scores\.json: head '1-2' has an empty score list"):
+        HeadScores.load(path)
+
+
+@pytest.mark.parametrize("strategy", ["threshold", "top_k", "random_nonretrieval", "random_all"])
+def test_every_strategy_refuses_scores_with_an_empty_head(strategy):
+    scores = HeadScores({(0, 0): [0.9], (0, 1): [0.2], (1, 0): [], (1, 1): [0.0]}, source="mem.json")
+    with pytest.raises(RetmaskError, match="head 1-0 in mem.json has no scores"):
+        select_heads(scores, strategy, threshold=0.1, k=1)
+
+
+@pytest.mark.parametrize("strategy", ["top_k", "random_nonretrieval", "random_all"])
+@pytest.mark.parametrize("k", [0, -1, 13, True, 2.5, "2", None])
+def test_k_must_be_between_one_and_the_number_of_heads(tmp_path, strategy, k):
+    scores = HeadScores.load(published_file(tmp_path))  # 12 heads
+    with pytest.raises(RetmaskError, match=r"k must be a whole number from 1 to 12 \(the heads in .*published\.json\)"):
+        select_heads(scores, strategy, k=k)
+
+
+def test_k_at_the_bounds_is_accepted(tmp_path):
+    scores = HeadScores.load(published_file(tmp_path))
+    assert len(select_heads(scores, "top_k", k=12)) == 12
+    assert len(select_heads(scores, "random_all", k=12)) == 12
+    assert len(select_heads(scores, "random_nonretrieval", k=1)) == 1
+
+
+@pytest.mark.parametrize("threshold", [0, 0.0, -0.1, float("nan"), float("inf"), "0.1", True, None])
+def test_threshold_must_be_a_finite_number_above_zero(tmp_path, threshold):
+    scores = HeadScores.load(published_file(tmp_path))
+    with pytest.raises(RetmaskError, match="threshold must be a finite number above 0"):
+        select_heads(scores, "threshold", threshold=threshold)
+
+
+def test_each_strategy_checks_only_its_own_parameters(tmp_path):
+    # the CLI passes both threshold and k whatever the strategy; the unused one must not be judged
+    scores = HeadScores.load(published_file(tmp_path))
+    assert select_heads(scores, "threshold", threshold=0.1, k=0) == [(1, 2), (2, 1), (3, 0)]
+    assert select_heads(scores, "top_k", threshold=0, k=2) == [(2, 1), (3, 0)]

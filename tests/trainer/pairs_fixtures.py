@@ -43,9 +43,23 @@ def crafted_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def write_shards(out: Path, rows: list[dict], variants: list[str] = VARIANTS, shard_size: int = 64) -> Path:
-    """Commit ``rows`` to ``out`` as a generation run would (manifest + data/part-*.parquet)."""
-    writer = open_run(out, RUN_CONFIG, variants)
+def model_record(model_dir: str) -> dict:
+    """The manifest's record of the model that generated the pairs, as ``retmask generate`` writes it."""
+    from pipeline.provenance import hash_model_dir
+
+    return {"id": Path(model_dir).name, "path": str(model_dir), "hash": hash_model_dir(model_dir)}
+
+
+def write_shards(
+    out: Path, rows: list[dict], variants: list[str] = VARIANTS, shard_size: int = 64, model: str | None = None
+) -> Path:
+    """Commit ``rows`` to ``out`` as a generation run would (manifest + data/part-*.parquet).
+
+    ``model``: the local checkpoint recorded as the generator (training it is then on-policy); without it the
+    manifest names a model that exists nowhere.
+    """
+    run_config = {**RUN_CONFIG, "model": model_record(model)} if model else RUN_CONFIG
+    writer = open_run(out, run_config, variants)
     for i in range(0, len(rows), shard_size):
         writer.write_shard(rows[i:i + shard_size])
     return out

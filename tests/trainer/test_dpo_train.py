@@ -1,6 +1,7 @@
 """Real TRL DPO steps: learning on the embedded model, resume, LoRA with a precomputed reference, outputs."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -8,8 +9,10 @@ import pytest
 import yaml
 
 from pairs_fixtures import crafted_rows
+from pipeline.shards import read_manifest
 from retrieval_heads.errors import RetmaskError
 from trainer.config import TrainConfig
+from trainer.data import pairs_digest
 from trainer.dpo import train
 
 
@@ -23,7 +26,7 @@ def tiny_config(pairs, out, model, **overrides) -> TrainConfig:
 def test_demo_run_on_the_embedded_model_lowers_heldout_loss_and_raises_reward_accuracy(make_shards, embedded_model_path, tmp_path):
     # Chosen answers use a fact from the prompt, rejected ones ignore it: two steps at the demo learning rate
     # must already separate them on prompts the model never trained on.
-    pairs = make_shards(crafted_rows(24, seed=1))  # 7 held out
+    pairs = make_shards(crafted_rows(24, seed=1), model=embedded_model_path)  # 7 held out
     config = TrainConfig.from_preset(
         "demo", pairs=str(pairs), output_dir=str(tmp_path / "run"), max_length=256, max_steps=2, warmup_ratio=0.0,
         per_device_batch_size=4, pairs_per_step=4, eval_batch_size=8, eval_fraction=0.15, save_steps=100,
@@ -62,13 +65,23 @@ def test_rerun_resumes_from_the_last_checkpoint(crafted_pairs_dir, tiny_checkpoi
     saved = yaml.safe_load((out / "train_config.yaml").read_text())
     assert saved["max_steps"] == 4 and saved["world_size"] == 1 and saved["gradient_accumulation_steps"] == 1
     assert json.loads((out / "data_stats.json").read_text())["pairs"] == 48
+    # the pairs' identity and both models are recorded where the resume check reads them
+    digest = pairs_digest(read_manifest(crafted_pairs_dir))
+    assert saved["pairs_digest"] == digest == metrics["data"]["pairs_digest"] and saved["pairs_rows"] == 48
+    assert saved["provenance"]["off_policy"] is False
+    assert saved["provenance"]["policy"]["hash"] == saved["provenance"]["pairs_model"]["hash"]
 
     with pytest.raises(RetmaskError, match="holds a run with rejected='retrieval_masked'"):
         train(tiny_config(crafted_pairs_dir, out, tiny_checkpoint, max_steps=6, rejected="random_masked"))
+    # the same pairs under another path (moved, copied): content identity, so the run resumes (no step left)
+    moved = shutil.copytree(crafted_pairs_dir, tmp_path / "moved-pairs")
+    train(tiny_config(moved, out, tiny_checkpoint, max_steps=4))
+    assert json.loads((out / "metrics.json").read_text())["resumed_from"] == "checkpoint-4"
 
 
 def test_lora_with_precomputed_reference_saves_an_adapter(make_shards, tiny_checkpoint, tmp_path):
-    config = tiny_config(make_shards(crafted_rows(20)), tmp_path / "lora", tiny_checkpoint, max_steps=2, lora=True,
+    pairs = make_shards(crafted_rows(20), model=tiny_checkpoint)
+    config = tiny_config(pairs, tmp_path / "lora", tiny_checkpoint, max_steps=2, lora=True,
                          precompute_ref_log_probs=True, precompute_ref_batch_size=8, eval_fraction=0.2,
                          lora_target_modules=["q_proj", "v_proj"], save_steps=100)
     final = train(config)

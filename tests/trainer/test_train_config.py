@@ -72,7 +72,7 @@ def test_bad_fields_and_values_are_one_line_errors(tmp_path):
         TrainConfig.from_preset("demo", lr=1.0)
     with pytest.raises(RetmaskError, match="unknown preset 'fast'"):
         TrainConfig.from_preset("fast")
-    with pytest.raises(RetmaskError, match="learning_rate must be float"):
+    with pytest.raises(RetmaskError, match=r"overrides: learning_rate must be a number \(e.g. 1e-5\), got 'fast'"):
         TrainConfig.from_preset("demo", learning_rate="fast")
     with pytest.raises(RetmaskError, match="warmup_ratio must be in"):
         TrainConfig.from_preset("demo", warmup_ratio=1.5)
@@ -91,3 +91,51 @@ def test_config_round_trips_through_dict_and_yaml(tmp_path):
 
 def test_every_field_documents_itself():
     assert all(f.metadata.get("help") for f in dataclasses.fields(TrainConfig))
+
+
+def test_numbers_yaml_leaves_as_strings_are_converted_for_numeric_fields(tmp_path):
+    # PyYAML (YAML 1.1) needs a dot in a float: 1e-5 loads as the string "1e-5"; quoted numbers are strings too
+    path = tmp_path / "t.yaml"
+    path.write_text('preset: demo\nlearning_rate: 1e-5\nmin_lr: "1e-6"\nmax_steps: "16"\nnum_train_epochs: 3\n'
+                    'save_steps: 1e2\nlora: "yes"\n')
+    c = TrainConfig.from_yaml(path)
+    got = (c.learning_rate, c.min_lr, c.max_steps, c.num_train_epochs, c.save_steps, c.lora)
+    assert got == (1e-5, 1e-6, 16, 3.0, 100, True)
+    assert type(c.num_train_epochs) is float and type(c.max_steps) is int and type(c.save_steps) is int
+
+
+@pytest.mark.parametrize("line, message", [
+    ("learning_rate: fast", "learning_rate must be a number (e.g. 1e-5), got 'fast'"),
+    ("learning_rate: .nan", "learning_rate must be a number (e.g. 1e-5), got nan (not a finite number)"),
+    ("max_steps: 2.5", "max_steps must be an integer (e.g. 16), got 2.5"),
+    ("max_steps: true", "max_steps must be an integer (e.g. 16), got True"),
+    ("lora: 2", "lora must be true or false (e.g. true), got 2"),
+    ("model: 7", "model must be a string (e.g. \"text\"), got 7"),
+    ("output_dir: 2024-01-01", "output_dir must be a string (e.g. \"text\"), got datetime.date(2024, 1, 1) (YAML"),
+    ("max_length: [1]", "max_length must be an integer or null (e.g. 16), got [1]"),
+    ("lora_target_modules: {q_proj: 1}", "lora_target_modules must be a list of strings"),
+    ("lora_target_modules: [q_proj, 3]", "lora_target_modules[1] must be a string"),
+    ("beta:", "beta must be a number (e.g. 1e-5), got None (null)"),
+])
+def test_a_wrongly_typed_yaml_value_is_one_line_naming_the_file_the_field_and_the_type(tmp_path, line, message):
+    path = tmp_path / "t.yaml"
+    path.write_text(f"preset: demo\n{line}\n")
+    with pytest.raises(RetmaskError) as err:
+        TrainConfig.from_yaml(path)
+    assert str(err.value).startswith(f"{path}: {message}")
+    assert "\n" not in str(err.value)
+
+
+def test_cli_style_string_overrides_are_converted_or_refused_naming_the_field():
+    c = TrainConfig.from_preset("demo", learning_rate="2e-5", max_steps="3", lora="false",
+                                lora_target_modules="q_proj, v_proj")
+    assert (c.learning_rate, c.max_steps, c.lora, c.lora_target_modules) == (2e-5, 3, False, ["q_proj", "v_proj"])
+    with pytest.raises(RetmaskError, match=r"overrides: max_steps must be an integer \(e.g. 16\), got '3.5'"):
+        TrainConfig.from_preset("demo", max_steps="3.5")
+    with pytest.raises(RetmaskError, match=r"config: beta must be a number"):
+        TrainConfig.from_dict({**TrainConfig.from_preset("demo").to_dict(), "beta": "strong"})
+
+
+def test_off_policy_training_is_opt_in():
+    assert TrainConfig.from_preset("paper").allow_off_policy is False
+    assert TrainConfig.from_preset("demo", allow_off_policy="true").allow_off_policy is True

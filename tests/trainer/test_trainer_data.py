@@ -1,6 +1,7 @@
 """Shards -> TRL conversational pairs: filters and their counts, the held-out split, and bad inputs."""
 
 import json
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -138,3 +139,18 @@ def test_null_token_counts_count_as_zero(make_shards):
     pairs = load_pairs(make_shards(rows), eval_fraction=0.0, max_response_tokens=10, max_length=24)
     assert pairs.stats["pairs"] == 1
     assert pairs.stats["over_max_length"] == 1  # 20 prompt tokens + 5 from the masked side
+
+
+def test_pairs_digest_follows_the_committed_shards_not_the_path_or_the_sessions(make_shards, tmp_path):
+    from pipeline.shards import open_run
+
+    out = make_shards(mixed_rows())
+    first = load_pairs(out, eval_fraction=0.0).stats
+    assert first["pairs_digest"].startswith("sha256:") and first["shards"] == 1
+    moved = shutil.copytree(out, tmp_path / "moved")
+    assert load_pairs(moved, eval_fraction=0.0).stats["pairs_digest"] == first["pairs_digest"]
+    writer = open_run(out, RUN_CONFIG, VARIANTS)  # a resumed generation: a new session, nothing committed yet
+    assert load_pairs(out, eval_fraction=0.0).stats["pairs_digest"] == first["pairs_digest"]
+    writer.write_shard([row("extra", "one more", "generic")])
+    grown = load_pairs(out, eval_fraction=0.0).stats
+    assert grown["pairs_digest"] != first["pairs_digest"] and grown["shards"] == 2

@@ -1,14 +1,13 @@
-"""Faults during generation: a killed driver, a killed actor, batches that keep failing. Nothing committed is
-lost, nothing is written twice, and a rerun of the same command finishes the job."""
+"""Faults during generation: a killed actor, batches that keep failing. Nothing committed is lost, nothing is
+written twice, and a rerun of the same command finishes the job. (A killed driver: tests/pipeline/test_node_loss.py
+and tests/jobs/test_run_contract.py.)"""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
-from gen_support import REPO, child_env, data_files, job_summary, prompt_rows, retmask, write_config, write_prompts, write_scores
+from gen_support import REPO, child_env, job_summary, prompt_rows, write_config, write_prompts, write_scores
 
 from pipeline.inspect import inspect_run
 from pipeline.shards import read_manifest, read_pairs_table
@@ -17,52 +16,6 @@ from retrieval_heads.errors import RetmaskError
 
 def _ids(out):
     return sorted(read_pairs_table(out).column("prompt_id").to_pylist())
-
-
-def _manifest_shards(out) -> int:
-    try:
-        return len(read_manifest(out)["shards"])
-    except Exception:  # not created yet, or being replaced
-        return 0
-
-
-@pytest.mark.slow
-def test_driver_killed_mid_run_then_rerun_gives_each_prompt_exactly_once(tmp_path, embedded_model_path):
-    import psutil
-
-    rows = prompt_rows(24)  # 6 batches of 4: time to kill between the first commit and the last
-    out = tmp_path / "out"
-    config = write_config(tmp_path / "c.yaml", prompts=str(write_prompts(tmp_path / "p.jsonl", rows)),
-                          scores=str(write_scores(tmp_path / "s.json")), out=str(out))
-    log = open(tmp_path / "first.log", "w")
-    driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", "generate", "--config", str(config)], cwd=REPO,
-                              env=child_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    spawned = []
-    try:
-        deadline = time.time() + 400
-        while _manifest_shards(out) < 1:
-            assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.time() < deadline, "no shard was committed in time"
-            time.sleep(0.1)
-        spawned = psutil.Process(driver.pid).children(recursive=True)  # Ray, actors, engines
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the whole process group, like a lost node or `kill -9 -PGID`
-        driver.wait()
-        log.close()
-    _, alive = psutil.wait_procs(spawned, timeout=60)
-    for proc in alive:  # never leak processes into the rest of the suite, but fail on them
-        proc.kill()
-    assert not alive, f"processes outlived the killed driver: {[p.pid for p in alive]}"
-    committed = read_pairs_table(out).num_rows
-    assert 0 < committed < len(rows), "the run finished before it could be killed"
-
-    result = retmask("generate", "--config", str(config))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"{len(rows) - committed} prompts generated ({len(rows)} in" in result.stdout
-    assert _ids(out) == [r["id"] for r in rows]  # each exactly once
-    listed = sorted(s["file"] for s in read_manifest(out)["shards"])
-    assert data_files(out) == listed  # no partial or unlisted shard left behind
-    assert inspect_run(out)["problems"] == []
 
 
 @pytest.mark.slow

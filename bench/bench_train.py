@@ -51,7 +51,9 @@ def write_pairs(out: Path, n: int) -> None:
         rows.append(make_row(f"b{i:04d}", prompt, 0, 50, {"normal": (answer, 16, "stop"),
                                                           "retrieval_masked": (generic, 8, "stop")}))
     run = {"model": {"id": "bench", "hash": "0"}, "masks": {}, "sampling": {}, "seed": 0, "packages": {}}
-    open_run(out, run, ["normal", "retrieval_masked"]).write_shard(rows)
+    writer = open_run(out, run, ["normal", "retrieval_masked"])
+    writer.write_shard(rows)
+    writer.close()
 
 
 # ---------------------------------------------------------------------------------------------------

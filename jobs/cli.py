@@ -55,6 +55,9 @@ def detect(
     sparsity = scores.sparsity()
     top = ", ".join(f"{l}-{h} ({s:.3f})" for (l, h), s in scores.ranked()[:5])
     print(f"{scores.num_trials()} counted trials; {sparsity['share_above_threshold']:.1%} of heads > 0.1; top: {top}")
+    from retrieval_heads.preflight import format_preflight, preflight
+
+    print(format_preflight(preflight(scores)))
     print(f"wrote {out}/head_scores.json, trials.jsonl, summary.json, head_scores.png")
 
 
@@ -140,6 +143,30 @@ def generate(
     print(f"wrote {s['out']} (inspect it: retmask inspect OUT)")  # redacted: a URI may carry credentials
 
 
+@cli.command("export-pairs")
+def export_pairs_cmd(
+    out: str = typer.Argument(..., help="output directory or URI of `retmask generate`"),
+    to: str = typer.Option(..., "--to", help="local directory for the dataset (new or empty)"),
+    chosen: str = typer.Option("normal", help="variant of the chosen answers"),
+    rejected: str = typer.Option("retrieval_masked", help="variant of the rejected answers"),
+    fmt: str = typer.Option("parquet", "--format", help="parquet | jsonl"),
+    text: bool = typer.Option(False, "--text", help="also write plain-text pairs (config `text`, LLaMA-Factory)"),
+    keep_truncated: bool = typer.Option(False, "--keep-truncated", help="keep pairs that hit the token limit"),
+    max_tokens: int = typer.Option(None, help="drop pairs with a response longer than this many tokens"),
+    test_fraction: float = typer.Option(0.0, help="share held out as split `test` (prompt-id hash, like train)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty --to directory (a previous export)"),
+):
+    """Write the filtered pairs as a preference dataset for TRL, OpenRLHF, LLaMA-Factory or the Hub."""
+    from pipeline.export import export_pairs
+
+    s = export_pairs(out, to, chosen=chosen, rejected=rejected, fmt=fmt, drop_truncated=not keep_truncated,
+                     max_tokens=max_tokens, text=text, test_fraction=test_fraction, overwrite=overwrite)
+    removed = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in s["removed"].items())
+    splits = ", ".join(f"{s[name]} {name}" for name in ("train", "test") if name in s)
+    print(f"{s['kept']} {chosen}/{rejected} pairs ({splits}) of {s['rows']} rows; removed: {removed}")
+    print(f"wrote {to} (README.md has the provenance; load it: datasets.load_dataset({to!r}))")
+
+
 @cli.command("inspect")
 def inspect_cmd(
     out: str = typer.Argument(..., help="output directory or URI of `retmask generate`"),
@@ -153,6 +180,35 @@ def inspect_cmd(
     print(format_report(report))
     if report["problems"]:
         raise typer.Exit(1)
+
+
+@cli.command("plan")
+def plan_cmd(
+    config: str = typer.Option(None, help="YAML of GenerateConfig fields (e.g. jobs/configs/generate_llama31_8b.yaml)"),
+    model: str = typer.Option(None, help="alias, local directory with config.json (tokenizer optional), or hub id"),
+    prompts_source: str = typer.Option(None, help="jsonl | parquet | hf_dataset | lmsys | builtin"),
+    prompts: str = typer.Option(None, help="prompt file or directory"),
+    scores: str = typer.Option(None, help="head score file (Wu JSON) detected on this model"),
+    out: str = typer.Option(None, help="output directory or URI of the run (nothing is written there)"),
+    tensor_parallel_size: int = typer.Option(None, help="GPUs per engine"),
+    num_actors: int = typer.Option(None, help="engines"),
+    gpu_memory_gb: float = typer.Option(80.0, help="memory of one GPU in GiB (80 for an A100/H100 80GB)"),
+    gpus_per_node: int = typer.Option(8, help="GPUs per cluster node"),
+    max_rows: int = typer.Option(10_000, help="prompt rows scanned; 0 = the whole source"),
+):
+    """Check a generation config against the model's config.json alone (no weights, no engine); exit 1 on problems."""
+    from importlib import resources
+
+    from pipeline.generate import GenerateConfig
+    from pipeline.plan import format_plan, plan as run_plan
+
+    path = config or str(resources.files("jobs") / "configs" / "demo.yaml")
+    cfg = GenerateConfig.from_yaml(path, model=model, prompts_source=prompts_source, prompts=prompts, scores=scores,
+                                   out=out, tensor_parallel_size=tensor_parallel_size, num_actors=num_actors)
+    report = run_plan(cfg, gpu_memory_gb=gpu_memory_gb, gpus_per_node=gpus_per_node, max_rows=max_rows or None)
+    print(format_plan(report))
+    if report.problems:
+        raise RetmaskError(report.summary())
 
 
 @cli.command()
@@ -225,6 +281,133 @@ def demo(
     if prompts:
         config.num_prompts = prompts
     print(f"report: {run_demo(config)}")
+
+
+heads_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                        help="Head scores from other methods: import them, compare them, check them before masking.")
+_FORMAT_HELP = "wu | qrhead | duoattention | auto (by content)"
+_MODEL_HELP = "model whose shape places the heads (DuoAttention's KV gates, QRHead head lists)"
+_SHAPE_HELP = "LAYERSxHEADSxKV_HEADS instead of --model, e.g. 32x32x8 for Llama-3.1-8B"
+_QUANTILE_HELP = "DuoAttention: gates below this quantile score 0 (default 0.5, as DuoAttention)"
+
+
+def _head_shape(model: str | None, shape: str | None):
+    """The model shape from --model (its config.json only) or --shape; None when neither is given."""
+    from retrieval_heads.models import ModelShape, model_shape
+
+    if model and shape:
+        raise RetmaskError("give --model or --shape, not both")
+    if model:
+        return model_shape(model)
+    if shape is None:
+        return None
+    try:
+        layers, heads, kv_heads = (int(p) for p in shape.lower().split("x"))
+    except ValueError:
+        raise RetmaskError(f"--shape {shape!r} is not LAYERSxHEADSxKV_HEADS (e.g. 32x32x8)") from None
+    if min(layers, heads, kv_heads) < 1 or heads % kv_heads:
+        raise RetmaskError(f"--shape {shape!r}: counts must be positive and heads a multiple of KV heads")
+    return ModelShape(layers, heads, kv_heads, head_dim=0, max_position_embeddings=0)
+
+
+def _load_heads(path: str, fmt: str, shape, quantile: float | None, strict: bool = True):
+    """(scores, per_trial) of one file; ``--quantile`` goes to the formats that take it (all of them if strict)."""
+    from retrieval_heads.importers import FORMATS, load_head_scores, resolve_format
+
+    name = resolve_format(path, fmt)
+    takes = "quantile" in FORMATS[name].options
+    options = {"quantile": quantile} if quantile is not None and (strict or takes) else {}
+    return load_head_scores(path, name, shape, **options), FORMATS[name].per_trial
+
+
+def _write_atomically(target, write) -> None:
+    """``write(tmp)`` then rename over ``target``: a failed write never leaves a half file under its name."""
+    import os
+    from pathlib import Path
+
+    target = Path(target)
+    tmp = target.with_name(f".{target.stem}.tmp{target.suffix}")  # the suffix tells matplotlib the format
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, target)
+    except OSError as err:
+        raise RetmaskError(f"cannot write {target} ({err.strerror or err}); choose another --out") from None
+    finally:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # the folder itself could not be made: nothing to clean up
+            pass
+
+
+@heads_app.command("import")
+def heads_import(
+    file: str = typer.Argument(..., help="head-score file, or a DuoAttention run directory"),
+    fmt: str = typer.Option("auto", "--format", help=_FORMAT_HELP),
+    model: str = typer.Option(None, help=_MODEL_HELP),
+    shape: str = typer.Option(None, help=_SHAPE_HELP),
+    quantile: float = typer.Option(None, help=_QUANTILE_HELP),
+    out: str = typer.Option("head_scores.json", help="Wu JSON to write (what --scores reads)"),
+):
+    """Convert another method's head scores to Wu JSON and print the pre-flight report."""
+    from retrieval_heads.preflight import format_preflight, preflight
+
+    scores, per_trial = _load_heads(file, fmt, _head_shape(model, shape), quantile)
+    _write_atomically(out, scores.save)
+    print(format_preflight(preflight(scores, per_trial=per_trial)))
+    print(f"wrote {out} ({len(scores.trials)} heads, Wu JSON)")
+
+
+@heads_app.command("compare")
+def heads_compare(
+    files: list[str] = typer.Argument(..., help="two or more head-score files; each is compared with the first"),
+    fmt: str = typer.Option("auto", "--format", help="one format for every file, or one per file, comma-separated"),
+    model: str = typer.Option(None, help=_MODEL_HELP),
+    shape: str = typer.Option(None, help=_SHAPE_HELP),
+    quantile: float = typer.Option(None, help=_QUANTILE_HELP),
+    k: str = typer.Option("5,10,20", help="top-k sizes of the overlap"),
+    out: str = typer.Option("runs/heads_compare", help="directory for compare.json and compare.png"),
+):
+    """Overlap@k, rank correlation and score mass per layer of head-score files of one shape; side-by-side heatmap."""
+    import json
+
+    from retrieval_heads.compare import compare_many, format_compare, plot_compare
+
+    if len(files) < 2:
+        raise RetmaskError(f"heads compare needs at least two files, got {len(files)}")
+    formats = [f.strip() for f in fmt.split(",")]
+    if len(formats) == 1:
+        formats *= len(files)
+    if len(formats) != len(files):
+        raise RetmaskError(f"--format gives {len(formats)} formats for {len(files)} files; give one, or one per file")
+    head_shape = _head_shape(model, shape)
+    loaded = [_load_heads(f, name, head_shape, quantile, strict=False)[0] for f, name in zip(files, formats)]
+    result = compare_many(loaded, _ints(k))
+    _write_atomically(f"{out}/compare.json", lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
+    labels = [f if len(f) <= 40 else "..." + f[-37:] for f in files]
+    ks = result["ks"]
+    _write_atomically(f"{out}/compare.png", lambda p: plot_compare(loaded, p, labels, k=ks[len(ks) // 2]))
+    print(format_compare(result))
+    print(f"wrote {out}/compare.json, {out}/compare.png")
+
+
+@heads_app.command("preflight")
+def heads_preflight(
+    file: str = typer.Argument(..., help="head-score file, or a DuoAttention run directory"),
+    fmt: str = typer.Option("auto", "--format", help=_FORMAT_HELP),
+    model: str = typer.Option(None, help=_MODEL_HELP),
+    shape: str = typer.Option(None, help=_SHAPE_HELP),
+    quantile: float = typer.Option(None, help=_QUANTILE_HELP),
+    threshold: float = typer.Option(0.1, help="selection threshold the report counts heads against"),
+):
+    """Sparsity, counted trials and warnings for a head-score file, before masking by it (warnings exit 0)."""
+    from retrieval_heads.preflight import format_preflight, preflight
+
+    scores, per_trial = _load_heads(file, fmt, _head_shape(model, shape), quantile)
+    print(format_preflight(preflight(scores, threshold, per_trial=per_trial)))
+
+
+cli.add_typer(heads_app, name="heads")
 
 
 def app() -> None:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -43,6 +42,11 @@ import torch
 from vllm import LLM, SamplingParams
 from vllm.model_executor.model_loader import BaseModelLoader, get_model_loader, register_model_loader
 
+# Tensor-parallel placement and memory arithmetic: pure and vLLM-free, so `retmask plan` shares them.
+from pipeline.placement import (  # noqa: F401 (re-exported: callers and tests import them from here)
+    check_context as _check_context, check_kv_memory as _check_kv_memory, check_tensor_parallel,
+    checkpoint_dtype, dtype_bytes as _dtype_bytes, head_to_rank, local_heads,
+)
 from retrieval_heads.errors import RetmaskError
 from retrieval_heads.masking import SUPPORTED_ARCHITECTURES, HeadMask, channel_gate, output_projections
 from retrieval_heads.models import EMBEDDED_ALIAS, ModelShape, resolve_model, shape_of
@@ -53,7 +57,6 @@ log = logging.getLogger(__name__)
 GATE_LOAD_FORMAT = "retmask_gated"
 GATE_EXTENSION = f"{__name__}.HeadGateExtension"
 GATE_VERSION = 1  # bump when the traced gate changes, so stale compiled graphs are not reused
-_DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
 
 Prompt = str | list[dict]
 
@@ -64,44 +67,6 @@ CANARY_TEXT = (
     "Question: where does Alice keep the red key? Answer: in the"
 )
 CANARY_TOPK = 20  # top-k logprobs compared per generated token (vLLM's default max_logprobs)
-
-
-# --- tensor parallel: which rank holds which query head (pure functions) ---
-
-def check_tensor_parallel(shape: ModelShape, tp_size: int) -> int:
-    """Validate ``tp_size`` for this shape as vLLM does; return the query heads per rank."""
-    if tp_size < 1 or shape.num_heads % tp_size:
-        raise RetmaskError(
-            f"tensor_parallel_size={tp_size} does not divide the {shape.num_heads} query heads; "
-            f"use a divisor of {shape.num_heads}"
-        )
-    kv = shape.num_kv_heads
-    # vLLM splits KV heads when tp <= kv heads and replicates them when tp is a multiple of kv heads.
-    if (tp_size <= kv and kv % tp_size) or (tp_size > kv and tp_size % kv):
-        raise RetmaskError(
-            f"tensor_parallel_size={tp_size} neither divides nor is a multiple of the {kv} KV heads; "
-            f"use a size that does (vLLM requires it)"
-        )
-    return shape.num_heads // tp_size
-
-
-def head_to_rank(layer: int, head: int, shape: ModelShape, tp_size: int) -> tuple[int, int]:
-    """Global query head -> (tensor-parallel rank, local head index on that rank's ``o_proj``)."""
-    per_rank = check_tensor_parallel(shape, tp_size)
-    if not (0 <= layer < shape.num_layers and 0 <= head < shape.num_heads):
-        raise RetmaskError(f"head {layer}-{head} is out of range for {shape.num_layers}x{shape.num_heads} heads")
-    # o_proj is row-parallel: rank r holds input channels of query heads [r*per_rank, (r+1)*per_rank).
-    return head // per_rank, head % per_rank
-
-
-def local_heads(heads: Sequence[Head], shape: ModelShape, tp_size: int, rank: int) -> dict[int, list[int]]:
-    """The local heads ``rank`` must gate, by layer."""
-    out: dict[int, list[int]] = {}
-    for layer, head in heads:
-        owner, local = head_to_rank(layer, head, shape, tp_size)
-        if owner == rank:
-            out.setdefault(layer, []).append(local)
-    return out
 
 
 # --- worker side: gate installation and switching ---
@@ -220,7 +185,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     chat_template_kwargs: dict = field(default_factory=dict, metadata={"help": "e.g. {'enable_thinking': True} for Qwen3"})
     cpu_reserved_cores: int | None = field(default=0, metadata={"help": "CPU only: cores kept free of OpenMP threads; vLLM's default (None) reserves one for its frontend, which offline batches leave idle (0 is 1.7x faster on 2 cores)"})
-    gate_canary: bool = field(default=True, metadata={"help": "prove at start and for each new mask that the head gate changes the logits (the guard for compiled and CUDA graphs); a few hundredths of a second per mask"})
+    gate_canary: bool = field(default=True, metadata={"help": (
+        "prove at start and for each new mask that the head gate changes the logits: the guard for compiled and "
+        "CUDA graphs (about 0.1 s per mask on CPU, plus one compile of vLLM's logprob ranks, ~2 s, at start)")})
 
 
 @dataclass(frozen=True)
@@ -490,31 +457,3 @@ def _check_projections(hf_config) -> None:
     except (ValueError, KeyError) as err:
         raise RetmaskError(f"cannot build {type(hf_config).__name__} to find its o_proj ({err}); supported: {SUPPORTED_ARCHITECTURES}") from None
     output_projections(model)
-
-
-def _check_context(config: EngineConfig, shape: ModelShape) -> None:
-    limit = shape.max_position_embeddings
-    if limit and config.max_model_len > limit:
-        raise RetmaskError(f"max_model_len={config.max_model_len} exceeds the model's context of {limit} tokens; lower max_model_len")
-
-
-def checkpoint_dtype(hf_config) -> str:
-    """The dtype a checkpoint is stored in (what ``dtype="auto"`` loads), e.g. ``"bfloat16"``."""
-    return str(getattr(hf_config, "dtype", None) or "bfloat16").removeprefix("torch.")
-
-
-def _dtype_bytes(dtype: str, hf_config) -> int:
-    return _DTYPE_BYTES.get(dtype if dtype != "auto" else checkpoint_dtype(hf_config), 2)
-
-
-def _check_kv_memory(config: EngineConfig, shape: ModelShape, hf_config, kv_bytes: int) -> None:
-    # K and V for every layer, with this rank's KV heads (replicated when tp exceeds the KV heads).
-    kv_heads = max(1, shape.num_kv_heads // config.tensor_parallel_size)
-    per_token = 2 * shape.num_layers * kv_heads * shape.head_dim * _dtype_bytes(config.dtype, hf_config)
-    # vLLM rounds to whole blocks (up to 256 tokens on CPU) and keeps one block back.
-    needed = (math.ceil(config.max_model_len / 256) + 1) * 256 * per_token
-    if kv_bytes < needed:
-        raise RetmaskError(
-            f"KV cache of {kv_bytes / 2**20:.0f} MiB cannot hold one {config.max_model_len}-token request "
-            f"(needs about {needed / 2**20:.0f} MiB); raise kv_cache_memory_bytes or lower max_model_len"
-        )

@@ -123,7 +123,7 @@ variants are the same model with attention heads masked (output zeroed at every 
 rejected = a masked variant. No rows were filtered: drop identical, empty or truncated pairs when
 reading.
 
-- rows: {manifest["num_rows"]} in {len(manifest["shards"])} shards (schema version {manifest["schema_version"]})
+- rows: {manifest["num_rows"]} in {len(manifest["shards"])} shards at the last checkpoint (schema version {manifest["schema_version"]})
 - model: {model.get("id", "?")} (`{model.get("hash", "?")}`)
 - masks: `{json.dumps(cfg.get("masks"), sort_keys=True)}`
 - sampling: `{json.dumps(cfg.get("sampling"), sort_keys=True)}`, seed {cfg.get("seed")}
@@ -135,8 +135,10 @@ reading.
 
 ## Loading
 
-`manifest.json` lists the committed shards; `data/part-*.parquet` matches exactly them once the run
-has finished (a reopened run removes files an interrupted writer left).
+A shard is committed once a record in `_log/` names it; `manifest.json` folds those records every 100
+commits and when the writer stops, so a finished run's `manifest.json` lists every shard and
+`data/part-*.parquet` matches exactly them (a reopened run removes files an interrupted writer left).
+While a run is going, `committed_files` lists exactly the committed shards.
 
 ```python
 from datasets import load_dataset
@@ -148,7 +150,8 @@ df = pd.read_parquet("{out}/data")
 import duckdb
 duckdb.sql("SELECT * FROM '{out}/data/part-*.parquet'")
 
-from pipeline.shards import read_pairs_table  # manifest-listed shards only
+from pipeline.shards import committed_files, read_pairs_table  # committed shards only, verified
+ds = load_dataset("parquet", data_files=committed_files("{out}"), split="train")
 table = read_pairs_table("{out}")
 ```
 """

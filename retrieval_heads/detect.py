@@ -22,6 +22,7 @@ from retrieval_heads.errors import RetmaskError
 from retrieval_heads.masking import decoder_layers
 from retrieval_heads.models import EMBEDDED_ALIAS, resolve_model, shape_of
 from retrieval_heads.niah import NIAHGrid, NIAHPrompt, build_prompt, builtin_needles, check_fits
+from retrieval_heads.preflight import preflight
 from retrieval_heads.scores import HeadScores
 
 log = logging.getLogger(__name__)
@@ -308,6 +309,7 @@ def write_outputs(config: DetectConfig, records: list[TrialRecord], num_layers: 
         "trials_counted": sum(r.counted for r in records),
         "niah_accuracy": sum(r.counted for r in records) / len(records),
         "sparsity": scores.sparsity(),
+        "preflight": preflight(scores),
         "top_heads": [{"head": f"{l}-{h}", "score": s, "counted_trials": len(scores.trials[(l, h)])} for (l, h), s in ranked[:20]],
         "seconds": sum(r.seconds for r in records),
     }

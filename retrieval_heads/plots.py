@@ -13,11 +13,17 @@ import numpy as np  # noqa: E402
 from retrieval_heads.scores import HeadScores  # noqa: E402
 
 
-def plot_head_heatmap(scores: HeadScores, num_layers: int, num_heads: int, path: str | Path, title: str = "Retrieval scores") -> Path:
-    """Layers x heads heatmap of mean retrieval scores."""
+def head_grid(scores: HeadScores, num_layers: int, num_heads: int) -> np.ndarray:
+    """Mean scores as a (layers, heads) array, 0 where a head has no entry."""
     grid = np.zeros((num_layers, num_heads))
     for (layer, head), value in scores.mean().items():
         grid[layer, head] = value
+    return grid
+
+
+def plot_head_heatmap(scores: HeadScores, num_layers: int, num_heads: int, path: str | Path, title: str = "Retrieval scores") -> Path:
+    """Layers x heads heatmap of mean retrieval scores."""
+    grid = head_grid(scores, num_layers, num_heads)
     fig, ax = plt.subplots(figsize=(max(4, num_heads * 0.5 + 2), max(4, num_layers * 0.22 + 1.5)))
     image = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
     ax.set_xlabel("head")

@@ -81,31 +81,17 @@ def load_pairs(
     only counted (``stats["over_max_length"]``), because TRL truncates them silently (pitfall 7), and
     ``stats["prompt_over_max_length"]`` counts those whose prompt alone fills it, which TRL drops.
     """
-    if chosen == rejected:
-        raise RetmaskError(f"chosen and rejected are both {chosen!r}; pick two different variants")
     if not 0.0 <= eval_fraction < 1.0:
         raise RetmaskError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    table, manifest = _read_table(shards_dir, chosen, rejected)
+    table, manifest = read_pair_table(shards_dir, chosen, rejected)
     rows = table.to_pylist()
-    removed = dict.fromkeys(FILTERS, 0)
-    kept = []
-    for row in rows:
-        reason = _rejection(row, chosen, rejected, drop_truncated, max_response_tokens)
-        if reason:
-            removed[reason] += 1
-        else:
-            kept.append(row)
+    kept, removed = filter_pairs(rows, chosen, rejected, shards_dir, drop_truncated=drop_truncated,
+                                 max_response_tokens=max_response_tokens)
     stats = {
         "shards_dir": str(shards_dir), "pairs_digest": pairs_digest(manifest),
         "shards": len(manifest.get("shards", [])), "chosen": chosen, "rejected": rejected, "rows": len(rows),
         "removed": removed, "pairs": len(kept),
     }
-    if not kept:
-        counts = ", ".join(f"{k} {v}" for k, v in removed.items())
-        raise RetmaskError(
-            f"no {chosen}/{rejected} pairs left in {shards_dir} after filtering {len(rows)} rows "
-            f"(removed: {counts}); check the generation run with `retmask inspect`"
-        )
     if max_length is not None:
         stats["max_length"] = max_length
         stats["over_max_length"] = sum(1 for r in kept if _pair_tokens(r, chosen, rejected) > max_length)
@@ -130,7 +116,10 @@ def load_pairs(
     )
 
 
-def _read_table(shards_dir: str | Path, chosen: str, rejected: str) -> tuple[pa.Table, dict]:
+def read_pair_table(shards_dir: str | Path, chosen: str, rejected: str) -> tuple[pa.Table, dict]:
+    """The columns a chosen/rejected pair needs from every committed shard (verified), and the manifest."""
+    if chosen == rejected:
+        raise RetmaskError(f"chosen and rejected are both {chosen!r}; pick two different variants")
     manifest = read_manifest(shards_dir)  # RetmaskError when the directory has no manifest
     fmt, version = manifest.get("format"), manifest.get("schema_version")
     if fmt != SUPPORTED_FORMAT or version not in SUPPORTED_SCHEMA_VERSIONS:
@@ -158,6 +147,32 @@ def _read_table(shards_dir: str | Path, chosen: str, rejected: str) -> tuple[pa.
         if absent:
             raise RetmaskError(f"shard {path} lacks columns {absent}; it does not follow the pair schema (run `retmask inspect`)")
     return read_pairs_table(shards_dir, columns=columns), manifest
+
+
+def filter_pairs(
+    rows: list[dict], chosen: str, rejected: str, where: str | Path, *,
+    drop_truncated: bool = True, max_response_tokens: int | None = None,
+) -> tuple[list[dict], dict[str, int]]:
+    """Rows that make usable pairs, and how many each filter removed (``FILTERS`` order, first match counts).
+
+    The one implementation of the pair filters: ``load_pairs`` (training) and ``pipeline.export``
+    (pairs for other trainers) keep exactly the same pairs. No pair left is a user error naming the counts.
+    """
+    removed = dict.fromkeys(FILTERS, 0)
+    kept = []
+    for row in rows:
+        reason = _rejection(row, chosen, rejected, drop_truncated, max_response_tokens)
+        if reason:
+            removed[reason] += 1
+        else:
+            kept.append(row)
+    if not kept:
+        counts = ", ".join(f"{k} {v}" for k, v in removed.items())
+        raise RetmaskError(
+            f"no {chosen}/{rejected} pairs left in {where} after filtering {len(rows)} rows "
+            f"(removed: {counts}); check the generation run with `retmask inspect`"
+        )
+    return kept, removed
 
 
 def _rejection(row: dict, chosen: str, rejected: str, drop_truncated: bool, max_tokens: int | None) -> str | None:

@@ -82,7 +82,7 @@ def test_a_healthy_engine_proves_the_gate_at_start_and_once_per_new_mask(gated, 
     again = engine.generate(gated.prompts[:1], short, mask=FRESH_SPEC)
     engine.set_mask(None)
 
-    proofs = [r for r in caplog.records if "gate canary: mask 4-2,11-5 changes the prefill and decode logits" in r.message]
+    proofs = [r for r in caplog.records if "gate canary: mask 4-2,11-5 changes the prefill and decode" in r.message]
     assert len(proofs) == 1  # probed on first use only
     assert FRESH_HEADS in engine.gate_checks
     assert masked[0].token_ids == again[0].token_ids  # the probe leaves the requests' results alone

@@ -54,7 +54,7 @@ def listed_files(out):
 
 
 def fail_manifest_writes(monkeypatch, message: str) -> None:
-    """Make every manifest write raise, as if the writer died right before the commit."""
+    """Make every commit record (and manifest) write raise, as if the writer died right before the commit."""
     real_put = shards._put
 
     def put(fs, path, data):
@@ -62,7 +62,11 @@ def fail_manifest_writes(monkeypatch, message: str) -> None:
             raise RuntimeError(message)
         real_put(fs, path, data)
 
+    def commit(self, version, entry):
+        raise RuntimeError(message)
+
     monkeypatch.setattr(shards, "_put", put)
+    monkeypatch.setattr(shards.ShardWriter, "_commit_record", commit)
 
 
 def test_schema_has_one_row_per_prompt_with_every_variant_and_its_version():
@@ -95,6 +99,7 @@ def test_committed_shards_are_listed_with_checksums_and_no_temp_file_remains(tmp
     assert manifest["schema_version"] == SCHEMA_VERSION and manifest["variants"] == VARIANTS
     assert manifest["run_config"]["sampling"] == CONFIG["sampling"] and manifest["num_rows"] == 4
     assert pq.read_schema(out / first["file"]).metadata[b"retmask.schema_version"] == b"1"
+    writer.close()  # the card follows the checkpoints: every CHECKPOINT_EVERY commits and on close
     card = (out / "README.md").read_text()
     assert "rows: 4 in 2 shards" in card and "SmolLM2-135M-Instruct" in card and "load_dataset" in card
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
@@ -501,8 +506,12 @@ def test_a_second_writer_on_the_same_object_store_prefix_is_refused(s3, s3_endpo
     assert _open_in_another_process(out, s3_endpoint).returncode == 0
 
 
-@pytest.mark.parametrize("point", ["shard_published", "manifest_write"])
-def test_kill_9_inside_a_commit_keeps_every_committed_shard_and_the_rerun_cleans_up(tmp_path, point):
+@pytest.mark.parametrize("fault, committed", [
+    ("shard_published:2", {"p0", "p1"}),  # shard in place, no commit record yet: not committed
+    ("checkpoint:1", {"p0", "p1", "p2"}),  # record written, killed before folding it into manifest.json
+    ("manifest_write:2", {"p0", "p1", "p2"}),  # killed halfway through the checkpoint's manifest.json
+])
+def test_kill_9_inside_a_commit_keeps_every_committed_shard_and_the_rerun_cleans_up(tmp_path, fault, committed):
     out = tmp_path / "out"
     code = textwrap.dedent(f"""
         from pipeline.shards import open_run, make_row
@@ -510,16 +519,74 @@ def test_kill_9_inside_a_commit_keeps_every_committed_shard_and_the_rerun_cleans
                             for i in ids]
         writer = open_run({str(out)!r}, {CONFIG!r}, {VARIANTS!r})
         writer.write_shard(rows(["p0", "p1"]))
-        writer.write_shard(rows(["p2"]))  # killed inside this commit
+        writer.write_shard(rows(["p2"]))  # killed inside this commit (the 2nd: a checkpoint is due)
         raise SystemExit("not killed")
     """)
-    env = {**os.environ, "RETMASK_FAULT_KILL_AT": f"{point}:{2 if point == 'shard_published' else 3}"}
+    env = {**os.environ, "RETMASK_FAULT_KILL_AT": fault, "RETMASK_CHECKPOINT_EVERY": "2"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == -9, proc.stderr  # SIGKILL, the writer had no chance to clean up
-    assert committed_prompt_ids(out) == {"p0", "p1"}  # the half-done commit does not count
-    leftovers = sorted(p.name for p in (out / "data").iterdir()) + [p.name for p in out.glob(".tmp-*")]
-    assert len(leftovers) > len(listed_files(out))  # the kill left a file behind ...
-    writer = open_run(out, CONFIG, VARIANTS)  # ... the lease of the dead pid is free, and reopening removes it
+    assert committed_prompt_ids(out) == committed  # readers fold manifest.json and the commit records
+    if fault.startswith("manifest_write"):
+        assert list(out.glob(".tmp-*-manifest.json"))  # the torn checkpoint never replaced manifest.json
+    writer = open_run(out, CONFIG, VARIANTS)  # the dead pid's lease is free; reopening cleans up
     assert data_files(out) == listed_files(out) and not list(out.glob(".tmp-*"))
+    assert not list((out / "_log").iterdir())  # everything folded into manifest.json at reopen
+    assert writer.write_shard(rows(["p2"])) is None or "p2" not in committed
+    assert committed_prompt_ids(out) == {"p0", "p1", "p2"}
+
+
+def test_a_commit_costs_one_small_record_and_checkpoints_fold_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "CHECKPOINT_EVERY", 3)
+    out = tmp_path / "out"
+    writer = open_run(out, CONFIG, VARIANTS)
+    for i in range(4):
+        writer.write_shard(rows([f"p{i}"]))
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk["log_version"] == 3 and len(on_disk["shards"]) == 3  # the checkpoint after commit 3
+    assert sorted(p.name for p in (out / "_log").iterdir()) == [f"{4:020d}.json"]  # one record since then
+    assert len(read_manifest(out)["shards"]) == 4 and committed_prompt_ids(out) == {"p0", "p1", "p2", "p3"}
+    writer.close()
+    assert len(json.loads((out / "manifest.json").read_text())["shards"]) == 4 and not list((out / "_log").iterdir())
+
+
+def test_a_second_writer_cannot_take_a_commit_number_even_past_the_lease(tmp_path):
+    out = tmp_path / "out"
+    first = open_run(out, CONFIG, VARIANTS)
+    first.write_shard(rows(["p0"]))
+    intruder = shards.ShardWriter(str(out), *shards.output_fs(out), read_manifest(out), {"p0"})  # no lease check
+    intruder.write_shard(rows(["p1"]))
+    with pytest.raises(RetmaskError, match="commit 2 of .* was taken by another writer"):
+        first.write_shard(rows(["p2"]))
+    assert committed_prompt_ids(out) == {"p0", "p1"} and data_files(out) == listed_files(out)
+
+
+def test_schema_v1_outputs_without_a_log_still_read_and_resume(tmp_path):
+    out = tmp_path / "out"
+    writer = open_run(out, CONFIG, VARIANTS)
+    writer.write_shard(rows(["p0", "p1"]))
+    writer.close()
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["log_version"]  # what schema-v1 writers left: every shard in manifest.json, no _log/
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "_log").rmdir()
+    assert committed_prompt_ids(out) == {"p0", "p1"}
+    writer = open_run(out, CONFIG, VARIANTS)
     writer.write_shard(rows(["p2"]))
     assert committed_prompt_ids(out) == {"p0", "p1", "p2"}
+
+
+def test_committed_files_give_datasets_exactly_the_committed_shards_mid_run(tmp_path):
+    from datasets import load_dataset
+
+    from pipeline.shards import committed_files
+
+    out = tmp_path / "out"
+    writer = open_run(out, CONFIG, VARIANTS)
+    writer.write_shard(rows(["p0", "p1"]))
+    writer.write_shard(rows(["p2"]))
+    first = out / "data" / listed_files(out)[0]
+    (out / "data" / "part-00002-deadbeef.parquet").write_bytes(first.read_bytes())  # an unlisted leftover
+    files = committed_files(out)  # mid-run: manifest.json has no shard yet, the commit records have both
+    assert [f.rsplit("/", 1)[-1] for f in files] == listed_files(out) and len(files) == 2
+    ds = load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "cache"))
+    assert sorted(ds["prompt_id"]) == ["p0", "p1", "p2"]

@@ -62,4 +62,5 @@ def write_shards(
     writer = open_run(out, run_config, variants)
     for i in range(0, len(rows), shard_size):
         writer.write_shard(rows[i:i + shard_size])
+    writer.close()
     return out

@@ -1,7 +1,7 @@
 """A vLLM engine with runtime retrieval-head gating: every variant from one live engine.
 
 RetMask zeroes the masked heads' input columns of ``o_proj`` in a copy of the checkpoint and serves it
-with a second server (PAPER_NOTES pitfall 9). Here the same zeros come from a gate inside one engine:
+with a second server (docs/METHOD.md pitfall 9). Here the same zeros come from a gate inside one engine:
 
 - A model loader (``load_format="retmask_gated"``, wrapping vLLM's default loader) gives every decoder
   layer's ``o_proj`` a 0/1 buffer over its input channels (this rank's ``num_heads/tp * head_dim``) and a

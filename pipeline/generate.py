@@ -37,7 +37,7 @@ PLACEMENT_SECONDS = float(os.environ.get("RETMASK_PLACEMENT_SECONDS", 600))
 
 @dataclass
 class SamplingConfig:
-    """vLLM sampling parameters; the defaults are RetMask's (PAPER_NOTES section 3)."""
+    """vLLM sampling parameters; the defaults are RetMask's (docs/METHOD.md section 3)."""
 
     temperature: float = 0.6
     top_p: float = 1.0

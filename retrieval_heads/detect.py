@@ -2,7 +2,7 @@
 
 Each trial: prefill all prompt tokens but the last with SDPA, then decode greedily one token at a
 time; a registered attention function keeps each head's softmax row for the single decode query,
-which is its attention over the whole sequence. The row at the position that *predicts* generated token t is the one scored for t, so
+which is its attention over the whole sequence (over its window in a sliding-window layer). The row at the position that *predicts* generated token t is the one scored for t, so
 every generated token (the first one too) is scored. A head scores +1/|answer span| for each step
 whose top-1 position (first position on ties, as ``torch.argmax``) lies inside the answer span and
 holds the generated token. Decoding stops at EOS. A trial counts only if ROUGE-1 recall of the answer
@@ -21,7 +21,7 @@ from pathlib import Path
 from retrieval_heads.errors import RetmaskError
 from retrieval_heads.masking import decoder_layers
 from retrieval_heads.models import EMBEDDED_ALIAS, resolve_model, shape_of
-from retrieval_heads.niah import NIAHGrid, NIAHPrompt, build_prompt, builtin_needles, check_fits
+from retrieval_heads.niah import NIAH_CHAT_TEMPLATE_KWARGS, NIAHGrid, NIAHPrompt, build_prompt, builtin_needles, check_fits
 from retrieval_heads.preflight import preflight
 from retrieval_heads.scores import HeadScores
 
@@ -42,6 +42,8 @@ class DetectConfig:
     # whole copy events; bf16 is for large models on GPU.
     dtype: str = "float32"
     device: str = "cpu"
+    # passed to the model's chat template; e.g. {"enable_thinking": True} to detect with Qwen3 thinking on
+    chat_template_kwargs: dict = field(default_factory=lambda: dict(NIAH_CHAT_TEMPLATE_KWARGS))
 
     @property
     def grid(self) -> NIAHGrid:
@@ -125,7 +127,9 @@ def _row_capturing_attention(module, query, key, value, attention_mask, scaling=
         window = getattr(module, "sliding_window", None)
         if window:  # sliding-window layers see only the last `window` keys
             logits[..., : max(0, t - window)] = float("-inf")
-        sink[module.layer_idx] = top_positions(logits.softmax(-1)[0])  # argmax of probabilities, as eager
+        # Counted back from the newest key: a sliding-window layer's cache holds only the last keys (transformers'
+        # DynamicSlidingWindowLayer keeps window - 1 of them), so index i is not absolute position i there.
+        sink[module.layer_idx] = top_positions(logits.softmax(-1)[0]) - t  # argmax of probabilities, as eager
     return out, None
 
 
@@ -168,8 +172,9 @@ def greedy_decode_scored(model, prompt: NIAHPrompt, max_new_tokens: int, stop: s
                 token = int(out.logits[0, -1].argmax())
                 if token in stop:
                     break
+                keys = len(prompt.input_ids) + len(generated)  # positions this step attended over
                 generated.append(token)
-                top = torch.stack([rows[i] for i in range(shape.num_layers)])
+                top = torch.stack([rows[i] for i in range(shape.num_layers)]) + keys  # absolute positions
                 totals += copy_scores(top, token, prompt.input_ids, prompt.answer_span)
                 step_input = torch.tensor([[token]], device=device)
     finally:
@@ -237,7 +242,7 @@ def run_trial(model, tokenizer, config: DetectConfig, length: int, depth: float,
     if not 0 <= needle_index < len(needles):
         raise RetmaskError(f"needle {needle_index} does not exist; the package ships {len(needles)} needles")
     start = time.perf_counter()
-    prompt = build_prompt(tokenizer, needles[needle_index], length, depth)
+    prompt = build_prompt(tokenizer, needles[needle_index], length, depth, chat_template_kwargs=config.chat_template_kwargs)
     check_fits(len(prompt.input_ids), config.max_new_tokens, shape_of(model.config).max_position_embeddings)
     generated, totals = greedy_decode_scored(model, prompt, config.max_new_tokens, eos_ids(model, tokenizer))
     response = tokenizer.decode(generated, skip_special_tokens=True)

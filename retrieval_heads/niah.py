@@ -17,6 +17,9 @@ from importlib import resources
 from retrieval_heads.errors import RetmaskError
 
 PROMPT_TEMPLATE = "<book>{context}</book>\nBased on the content of the book, Question: {question}\nAnswer:"
+# Chat-template variables for NIAH prompts: RetMask detects with Qwen3's thinking off (docs/METHOD.md section 1);
+# templates without the variable ignore it.
+NIAH_CHAT_TEMPLATE_KWARGS = {"enable_thinking": False}
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s+")
 
 
@@ -83,8 +86,12 @@ def insert_needle(context: str, needle: str, depth: float) -> tuple[str, int]:
     return before + sep_before + needle + sep_after + after, at
 
 
-def build_prompt(tokenizer, needle: Needle, length: int, depth: float, haystack: str | None = None, chat: bool | None = None) -> NIAHPrompt:
-    """Build one NIAH prompt whose context (haystack + needle) is ``length`` tokens long."""
+def build_prompt(tokenizer, needle: Needle, length: int, depth: float, haystack: str | None = None, chat: bool | None = None,
+                 chat_template_kwargs: dict | None = None) -> NIAHPrompt:
+    """Build one NIAH prompt whose context (haystack + needle) is ``length`` tokens long.
+
+    ``chat_template_kwargs`` (default ``NIAH_CHAT_TEMPLATE_KWARGS``) go to the model's chat template.
+    """
     haystack = haystack if haystack is not None else builtin_haystack()
     if needle.answer not in needle.needle:
         raise RetmaskError(f"needle answer {needle.answer!r} is not part of the needle sentence")
@@ -95,7 +102,8 @@ def build_prompt(tokenizer, needle: Needle, length: int, depth: float, haystack:
     body = PROMPT_TEMPLATE.format(context=context, question=needle.question)
     use_chat = chat if chat is not None else bool(getattr(tokenizer, "chat_template", None))
     if use_chat:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": body}], tokenize=False, add_generation_prompt=True, enable_thinking=False)
+        kwargs = NIAH_CHAT_TEMPLATE_KWARGS if chat_template_kwargs is None else chat_template_kwargs
+        text = tokenizer.apply_chat_template([{"role": "user", "content": body}], tokenize=False, add_generation_prompt=True, **kwargs)
         special = False  # the template already carries BOS and role markers
     else:
         text, special = body, True

@@ -1,4 +1,5 @@
-"""Shared fixtures: the embedded model (built once per machine) and a tiny random Llama."""
+"""Shared fixtures: the embedded model (built once per machine), tiny checkpoints of the paper's model families, and a
+tiny random Llama."""
 
 import os
 
@@ -11,6 +12,21 @@ def embedded_model_path() -> str:
     from retrieval_heads.models import ensure_embedded_model
 
     return str(ensure_embedded_model())
+
+
+@pytest.fixture(scope="session")
+def family_checkpoint(embedded_model_path, tmp_path_factory):
+    """``family_checkpoint("qwen3")``: path of a family's tiny random-weight checkpoint (tests/families.py), built once."""
+    from families import FAMILIES, build_checkpoint
+
+    built = {}
+
+    def checkpoint(name: str):
+        if name not in built:
+            built[name] = build_checkpoint(FAMILIES[name], embedded_model_path, tmp_path_factory.mktemp(name))
+        return built[name]
+
+    return checkpoint
 
 
 @pytest.fixture

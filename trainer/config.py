@@ -6,7 +6,7 @@ over the YAML, which wins over the preset it names. Every value is checked again
 string that is unambiguously a number is converted for a numeric field, and anything else of the wrong
 type is refused in one line naming the field, the expected type and the YAML file.
 
-Truncation (PAPER_NOTES pitfall 7): TRL 1.16 has no ``max_prompt_length``; ``max_length`` caps
+Truncation (docs/METHOD.md pitfall 7): TRL 1.16 has no ``max_prompt_length``; ``max_length`` caps
 prompt+response *per sequence* and keeps the start (``truncation_mode="keep_start"``), so the end of a long
 response is cut silently, and pairs whose prompt alone fills ``max_length`` are dropped. The trainer
 reports how many pairs exceed ``max_length`` (``data_stats.json``: ``over_max_length``) from the token
@@ -35,7 +35,7 @@ def _f(default: Any, help: str, **kw) -> Any:
 
 @dataclass
 class TrainConfig:
-    """A DPO run. Defaults are the RetMask recipe (PAPER_NOTES section 4)."""
+    """A DPO run. Defaults are the RetMask recipe (docs/METHOD.md section 4)."""
 
     # what to train on
     pairs: str = _f("", "shard directory from `retmask generate` (manifest.json + data/*.parquet)")

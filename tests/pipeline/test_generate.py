@@ -78,9 +78,9 @@ def test_manifest_records_model_masks_sampling_and_seed(run):
 
 
 def test_the_driver_counts_prompt_tokens_as_the_engine_does(run, embedded_model_path):
-    from pipeline.generate import _token_counter
+    from pipeline.generate import _token_counter, _tokenizer
 
-    count = _token_counter(embedded_model_path, {})  # what the too-long check uses, before any engine
+    count = _token_counter(_tokenizer(embedded_model_path, "embedded"), {})  # the too-long check, before any engine
     rows = read_pairs_table(run.out, columns=["prompt", "num_prompt_tokens"]).to_pylist()
     assert [count(r["prompt"]) for r in rows] == [r["num_prompt_tokens"] for r in rows]
 
@@ -190,10 +190,10 @@ def test_unwritable_output_is_one_clear_error(tmp_path, embedded_model_path):
 
 def test_unknown_config_field_is_a_user_error_naming_it(tmp_path):
     (tmp_path / "c.yaml").write_text("model: smollm2-135m-instruct\nmax_token: 12\n")
-    with pytest.raises(RetmaskError, match="unknown field 'max_token'"):
+    with pytest.raises(RetmaskError, match="c.yaml: unknown GenerateConfig field max_token; valid fields: .*max_prompts"):
         GenerateConfig.from_yaml(tmp_path / "c.yaml")
     (tmp_path / "c.yaml").write_text("sampling: {temprature: 0.1}\n")
-    with pytest.raises(RetmaskError, match="sampling: unknown field 'temprature'"):
+    with pytest.raises(RetmaskError, match="unknown SamplingConfig field sampling.temprature; valid fields: .*temperature"):
         GenerateConfig.from_yaml(tmp_path / "c.yaml")
 
 

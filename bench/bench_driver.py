@@ -13,9 +13,11 @@ shard per batch. Measured:
 - RSS of ``load_prompts`` streaming the 1M-row JSONL and Parquet files alone;
 - the tokenizer check a real driver adds per prompt (embedded model's tokenizer), as a rate of its own.
 
-    python bench/bench_driver.py --prompts 1000000 --s3-prompts 64000 --write docs/BENCHMARKS.md
+    python bench/bench_driver.py --prompts 1000000 --s3-prompts 64000 --write docs/BENCHMARKS.md [--save m.json]
+    python bench/bench_driver.py --render m.json [--write docs/BENCHMARKS.md]   # the section again, from --save
 
-Each driver runs in its own process, so its RSS is the driver's alone.
+Each driver runs in its own process, so its RSS is the driver's alone. ``--profile FILE`` writes a cProfile of
+the local driver's loop (the top functions by own time).
 """
 
 from __future__ import annotations
@@ -41,9 +43,10 @@ VARIANTS = ["normal", "retrieval_masked"]
 RUN_CONFIG = {"model": {"id": "stub", "hash": "stub"}, "engine": {"stub": True}, "chat_template": {}, "masks": {},
               "sampling": {}, "seed": 0, "packages": {}}
 PROMPTS_PER_GPU_HOUR = 18_572  # docs/BENCHMARKS.md "Generation pipeline": 8B model, one H100, projected
-WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but have an they "
-         "you were her she there been one all we their has would when if so no will can more out up into do any your "
-         "what some about time them than then other these could our two its may only over new such like after first").split()
+WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but have an "
+         "they you were her she there been one all we their has would when if so no will can more out up into do "
+         "any your what some about time them than then other these could our two its may only over new such like "
+         "after first").split()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -79,11 +82,11 @@ class StubActor:
 
         if self.delay:
             time.sleep(self.delay)
-        rows, n = [], len(self.texts)
+        rows, n, length = [], len(self.texts), len(self.texts[0]) // 4
         for k, (pid, text, seed) in enumerate(batch):
-            outputs = {v: (self.texts[(seed + k + j) % n], len(self.texts[0]) // 4, "stop") for j, v in enumerate(self.variants)}
+            outputs = {v: (self.texts[(seed + k + j) % n], length, "stop") for j, v in enumerate(self.variants)}
             rows.append(make_row(pid, text, seed, len(text) // 4, outputs))
-        tokens = len(rows) * len(self.variants) * (len(self.texts[0]) // 4)
+        tokens = len(rows) * len(self.variants) * length
         return pa.Table.from_pylist(rows, schema=self.schema), {"tokens": tokens, "seconds": self.delay, "rejects": []}
 
     def close(self) -> None:
@@ -163,8 +166,9 @@ def stream_worker(path: str, source: str, batch_size: int) -> dict:
     ids = {f"p{i:07d}" for i in range(n)}  # what the stream's duplicate check holds: every id read
     import pyarrow as pa
 
-    return {"prompts": n, "seconds": seconds, "rss_start": start_rss, "rss_first": first, "rss_peak": max(peak, end_rss),
-            "rss_end": end_rss, "id_set_bytes": _deep_size(ids), "arrow_peak": pa.default_memory_pool().max_memory()}
+    return {"prompts": n, "seconds": seconds, "rss_start": start_rss, "rss_first": first,
+            "rss_peak": max(peak, end_rss), "rss_end": end_rss, "id_set_bytes": _deep_size(ids),
+            "arrow_peak": pa.default_memory_pool().max_memory()}
 
 
 def driver_worker(args) -> dict:
@@ -180,8 +184,9 @@ def driver_worker(args) -> dict:
     fs = _s3(args.s3) if args.s3 else None
     if fs is not None:
         fs.create_dir(args.out.split("/")[0])
-    config = GenerateConfig(variants=VARIANTS, num_actors=args.actors, batch_size=args.batch_size, max_prompts=args.prompts,
-                            engine={"stub_batch_seconds": args.batch_seconds, "stub_response_chars": args.response_chars})
+    engine = {"stub_batch_seconds": args.batch_seconds, "stub_response_chars": args.response_chars}
+    config = GenerateConfig(variants=VARIANTS, num_actors=args.actors, batch_size=args.batch_size,
+                            max_prompts=args.prompts, engine=engine)
     rss_start = _rss()
     writer = open_run(args.out, RUN_CONFIG, VARIANTS, filesystem=fs)
     latencies: list[float] = []
@@ -327,6 +332,8 @@ def main() -> None:
     parser.add_argument("--response-chars", type=int, default=400, help="chars of each variant's stub response")
     parser.add_argument("--profile", type=Path, help="cProfile the local driver's loop into this file")
     parser.add_argument("--write", type=Path, help="markdown file whose '## Driver at scale' section is replaced")
+    parser.add_argument("--save", type=Path, help="also write the raw measurements here (JSON)")
+    parser.add_argument("--render", type=Path, help="only render the section from measurements saved by --save")
     parser.add_argument("--worker", choices=["stream", "driver", "reopen"], help=argparse.SUPPRESS)
     parser.add_argument("--prompts-file", help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
@@ -346,6 +353,10 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    if args.render:
+        saved = json.loads(args.render.read_text())
+        args = argparse.Namespace(**{**vars(args), **saved.pop("args")})
+        return finish(args, **saved)
     loads = [os.getloadavg()[0]]
     tmp = Path(tempfile.mkdtemp(prefix="bench-driver-"))
     moto = None
@@ -353,8 +364,8 @@ def main() -> None:
         t = time.perf_counter()
         jsonl, parquet = write_prompts(tmp, args.file_rows)
         print(f"prompt files: {args.file_rows} rows in {time.perf_counter() - t:.0f} s", file=sys.stderr)
-        stream = {src: _run(["--worker", "stream", "--source", src, "--prompts-file", str(path),
-                             "--batch-size", str(args.batch_size)]) for src, path in (("jsonl", jsonl), ("parquet", parquet))}
+        stream = {src: _run(["--worker", "stream", "--source", src, "--prompts-file", str(path), "--batch-size",
+                             str(args.batch_size)]) for src, path in (("jsonl", jsonl), ("parquet", parquet))}
         print(f"stream: {json.dumps(stream)}", file=sys.stderr)
         tokenizer = tokenizer_rate(jsonl, 5000)
         print(f"tokenizer check: {tokenizer:.0f} prompts/s", file=sys.stderr)
@@ -396,7 +407,16 @@ def main() -> None:
             moto.wait()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    section = report(args, local, reopen, s3, s3_reopen, stream, tokenizer, loads)
+    measured = {"local": local, "reopen": reopen, "s3": s3, "s3_reopen": s3_reopen, "stream": stream,
+                "tokenizer": tokenizer, "loads": loads}
+    if args.save:
+        keys = ("prompts", "s3_prompts", "file_rows", "actors", "batch_size", "batch_seconds", "response_chars")
+        args.save.write_text(json.dumps({"args": {k: getattr(args, k) for k in keys}, **measured}))
+    finish(args, **measured)
+
+
+def finish(args, **measured) -> None:
+    section = report(args, **measured)
     print(section)
     if args.write:
         from bench_detect import write_section
@@ -408,7 +428,7 @@ def report(args, local: dict, reopen: dict, s3: dict | None, s3_reopen: dict | N
            loads: list[float]) -> str:
     every = local["checkpoint_every"]
     rate = local["rows"] / local["seconds"]
-    marks = sorted({m for m in (100, 1000, 3000, 10_000) if m <= local["commits"]} | {local["commits"] - 100})
+    marks = sorted({m for m in (100, 1000, 3000, 10_000) if m <= local["commits"]} | {max(100, local["commits"] - 100)})
     local_b = buckets(local["latencies"], every, marks, local["samples"])
     lines = []
 
@@ -423,86 +443,116 @@ def report(args, local: dict, reopen: dict, s3: dict | None, s3_reopen: dict | N
 
     table(local_b, "local disk")
     if s3:
-        s3_marks = sorted({m for m in (100, 1000) if m <= s3["commits"]} | {s3["commits"] - 100})
-        s3_b = buckets(s3["latencies"], every, s3_marks, s3["samples"])
+        s3_marks = sorted({m for m in (100, 1000) if m <= s3["commits"]} | {max(100, s3["commits"] - 100)})
         lines.append("")
-        table(s3_b, "S3 (moto)")
-    p50_first = next(b["p50"] for b in local_b if b["mark"] == 100)
+        table(buckets(s3["latencies"], every, s3_marks, s3["samples"]), "S3 (moto)")
+    first = local_b[0]
     at10k = next((b for b in local_b if b["mark"] == 10_000), None)
-    ratio = at10k["p50"] / p50_first if at10k else None
-
-    rss = local["samples"]
-    growth = local["rss_end"] - local["rss_ready"]
-    ids_bytes, list_bytes = local["committed_ids_bytes"], local["shard_list_bytes"]
-    rss_points = []
-    for frac in (0.25, 0.5, 0.75, 1.0):
-        _, commits, r, _ = rss[min(len(rss) - 1, int(frac * (len(rss) - 1)))]
-        rss_points.append(f"{_mb(r)} MB at {commits * args.batch_size / 1000:,.0f}k")
+    last = local_b[-1]
     ten_k, end = reopen.get("10k"), reopen["end"]
-    gpus = rate * 3600 / PROMPTS_PER_GPU_HOUR
+    js, pq_ = stream["jsonl"], stream["parquet"]
     both = 1 / (1 / rate + 1 / tokenizer)
     verdict = lambda ok: "**pass**" if ok else "**fail**"  # noqa: E731
-    js, pq_ = stream["jsonl"], stream["parquet"]
-    cmd = (f"python bench/bench_driver.py --prompts {args.prompts} --s3-prompts {args.s3_prompts} --actors {args.actors} "
-           f"--batch-size {args.batch_size} --response-chars {args.response_chars}")
-    mean_ratio = at10k["mean"] / local_b[0]["mean"] if at10k else None
+    rss_points = []
+    for frac in (0.25, 0.5, 0.75, 1.0):
+        _, commits, r, _ = local["samples"][min(len(local["samples"]) - 1, int(frac * (len(local["samples"]) - 1)))]
+        rss_points.append(f"{_mb(r)} MB at {commits * args.batch_size / 1000:,.0f}k")
+    ids_bytes, list_bytes = local["committed_ids_bytes"], local["shard_list_bytes"]
+    # a checkpoint's cost is linear in the shards: least squares over every checkpoint of the run
+    folds = [(i, x * 1000) for i, x in enumerate(local["latencies"], 1) if not i % every]
+    fit = statistics.linear_regression(*zip(*folds)) if len(folds) >= 3 else None
+    fold_100k = fit.intercept + fit.slope * 100_000 if fit else 0.0
+    f = {
+        "cmd": f"python bench/bench_driver.py --prompts {args.prompts} --s3-prompts {args.s3_prompts} "
+               f"--actors {args.actors} --batch-size {args.batch_size} --response-chars {args.response_chars}",
+        "variants": " and ".join(f"`{v}`" for v in VARIANTS),
+        "loads": ", ".join(f"{x:.1f}" for x in loads),
+        "local": f"**{local['rows']:,} prompts**, {local['commits']:,} commits in {local['seconds']:.0f} s: "
+                 f"**{rate:,.0f} prompts/s**, {local['commits'] / local['seconds']:.0f} commits/s",
+        "ratio": f"**{at10k['p50'] / first['p50']:.2f}x**" if at10k else "not reached",
+        "ratio_ok": verdict(bool(at10k) and at10k["p50"] / first["p50"] <= 1.5),
+        "mean_ratio": f"{at10k['mean'] / first['mean']:.2f}x" if at10k else "n/a",
+        "last_mean_ratio": f"{last['mean'] / first['mean']:.2f}x at {last['mark']:,}",
+        "manifest": f"{end['manifest_bytes'] / 2**20:.1f} MB at {end['shards']:,} shards",
+        "fold_fit": f"a checkpoint took ~{fit.intercept:.0f} ms + {fit.slope * 1000:.0f} ms per 1,000 shards (least "
+                    f"squares over the run's {len(folds)} checkpoints); at 100,000 shards (6.4M prompts) that is "
+                    f"~{fold_100k / 1000:.1f} s, ~{fold_100k / every:.0f} ms per commit on average" if fit
+                    else "too few checkpoints to fit",
+        "reopen_10k": f"**{ten_k['seconds']:.1f} s at 10,000 shards**" if ten_k else "not reached at 10,000 shards",
+        "reopen_ok": verdict(bool(ten_k) and ten_k["seconds"] <= 5),
+        "reopen_end": f"{end['seconds']:.1f} s at {end['shards']:,}",
+        "rss": f"{_mb(local['rss_start'])} MB after imports, {_mb(local['rss_ready'])} MB with Ray up and the engines "
+               f"ready, then {', '.join(rss_points)} prompts: +{_mb(local['rss_end'] - local['rss_ready'])} MB",
+        "ids": f"{_mb(ids_bytes)} MB at the end, {ids_bytes / max(1, local['rows']):.0f} B per id",
+        "seen": f"{_mb(js['id_set_bytes'])} MB for {js['prompts']:,}",
+        "shard_list": f"{_mb(list_bytes)} MB, {list_bytes / max(1, local['shards']):.0f} B per shard",
+        "jsonl": f"JSONL {js['prompts'] / js['seconds']:,.0f} prompts/s, RSS {_mb(js['rss_start'])} / "
+                 f"{_mb(js['rss_first'])} / {_mb(js['rss_peak'])} MB",
+        "parquet": f"Parquet (64k-row row groups) {pq_['prompts'] / pq_['seconds']:,.0f} prompts/s, RSS "
+                   f"{_mb(pq_['rss_start'])} / {_mb(pq_['rss_first'])} / {_mb(pq_['rss_peak'])} MB, Arrow buffers at "
+                   f"most {_mb(pq_['arrow_peak'])} MB",
+        "tokenizer": f"{tokenizer:,.0f} prompts/s",
+        "both": f"{both:,.0f}",
+        "ceiling": f"**~{rate:,.0f} prompts/s**",
+        "gpus": f"**~{rate * 3600 / PROMPTS_PER_GPU_HOUR:,.0f} GPUs** (~{both * 3600 / PROMPTS_PER_GPU_HOUR:,.0f} "
+                f"with the check)",
+        "hundred": f"{100 * PROMPTS_PER_GPU_HOUR / 3600:,.0f}",
+    }
     s3_text = ""
     if s3:
-        s3_rate = s3["rows"] / s3["seconds"]
-        s3_text = f"""- loopback S3 (a moto server in its own process on the same 2 cores, so every request is a local HTTP
-  round trip into a Python server): {s3['rows']:,} prompts, {s3['commits']:,} commits in {s3['seconds']:.0f} s:
-  **{s3_rate:,.0f} prompts/s**, {s3['commits'] / s3['seconds']:.1f} commits/s. A commit is a few requests (shard upload,
-  record existence check, record upload); a checkpoint also deletes each folded record (a status and a delete
-  request each), which is its cost here. Reopen at {s3_reopen['shards']:,} shards: **{s3_reopen['seconds']:.1f} s** (one
-  read per shard, 8 at a time).
-"""
-    return f"""## Driver at scale
+        f["s3"] = (f"{s3['rows']:,} prompts, {s3['commits']:,} commits in {s3['seconds']:.0f} s: "
+                   f"**{s3['rows'] / s3['seconds']:,.0f} prompts/s**, {s3['commits'] / s3['seconds']:.1f} commits/s")
+        f["s3_reopen"] = f"{s3_reopen['shards']:,} shards: **{s3_reopen['seconds']:.1f} s**"
+        s3_text = """- loopback S3 (a moto server in its own process on the same 2 cores, so every request is a local
+  HTTP round trip into a Python server): {s3}. A commit is a few requests (shard upload, record existence
+  check, record upload); a checkpoint also deletes each folded record (a status and a delete request each),
+  which is most of its cost here. Reopen at {s3_reopen} (one read per shard, 8 at a time).
+""".format(**f)
+    return """## Driver at scale
 
 Command: `{cmd} --write docs/BENCHMARKS.md`
-({args.prompts:,} prompts through the local driver, the full generated file; {args.s3_prompts:,} on S3.
-{args.actors} stub engines on a local Ray (`StubActor` in the bench: the `GenerationActor` interface, rows of
-{" and ".join(f"`{v}`" for v in VARIANTS)} with {args.response_chars}-char responses, no sleep), so the driver alone sets the
-pace. The rest is the run's own code: `ActorPool`, `load_prompts` streaming a generated {args.file_rows:,}-row JSONL
-file, `_limited` / `_drive` / `_Rejects`, and `open_run` / `ShardWriter` committing one zstd Parquet shard of
-{args.batch_size} rows per batch (fsynced; a checkpoint every {every} commits). Not included: the real driver's
-per-prompt tokenizer check, measured on its own below. 2-core CPU shared with other engineers' jobs, and the
-stub engines, Ray and the driver share it too: 1-minute load average {", ".join(f"{x:.1f}" for x in loads)} at the
-start, before and after the local run, and at the end; per window in the tables.)
+({prompts:,} of the generated file's {file_rows:,} prompts through the local driver; {s3_prompts:,} on S3.
+{actors} stub engines on a local Ray (`StubActor` in the bench: the `GenerationActor` interface, rows of {variants} with
+{response_chars}-char responses, no sleep), so the driver alone sets the pace. The rest is the run's own code:
+`ActorPool`, `load_prompts` streaming a generated JSONL file, `_limited` / `_drive` / `_Rejects`, and `open_run` /
+`ShardWriter` committing one zstd Parquet shard of {batch_size} rows per batch (fsynced; a checkpoint every
+{every} commits). Not included: the real driver's per-prompt tokenizer check, measured on its own below.
+2-core CPU shared with other engineers' jobs, and the stub engines, Ray and the driver share it too: 1-minute
+load average {loads} at the start, before and after the local run, and at the end; per window in the tables.)
 
-- local disk: **{local['rows']:,} prompts**, {local['commits']:,} commits in {local['seconds']:.0f} s: **{rate:,.0f} prompts/s**,
-  {local['commits'] / local['seconds']:.0f} commits/s (target >= 2,000 prompts/s: {verdict(rate >= 2000)}).
+- local disk: {local} (target >= 2,000 prompts/s: {rate_ok}).
 
-{chr(10).join(lines)}
+{tables}
 
 - latency of `write_shard` over the 200 commits around each point; every {every}th commit also folds the log
   into `manifest.json` (the slowest-checkpoint column; it is what p99 and the mean carry).
-- commit p50 at 10,000 shards / at 100 shards: **{f"{ratio:.2f}x" if ratio else "not reached"}** (target <= 1.5x:
-  {verdict(ratio is not None and ratio <= 1.5)}); the p50 moves with the machine's load, not with the shard count.
-  The mean, which includes the folds, is {f"{mean_ratio:.2f}x" if mean_ratio else "n/a"}: a checkpoint rewrites the whole manifest
-  ({end['manifest_bytes'] / 2**20:.1f} MB at {end['shards']:,} shards), so it still grows linearly, once per {every} commits.
+- commit p50 at 10,000 shards / at 100 shards: {ratio} (target <= 1.5x: {ratio_ok}); the p50 follows the
+  machine's load, not the shard count. The mean, folds included, is {mean_ratio} at 10,000 ({last_mean_ratio}):
+  a checkpoint rewrites the whole manifest ({manifest}), so its cost still grows linearly, once per
+  {every} commits: {fold_fit}.
 - reopen (`open_run` in a fresh process, what a resume pays before its first batch: read the manifest, verify
   every shard's checksum and read its prompt ids, remove orphans, take the lease; page cache warm):
-  {f"**{ten_k['seconds']:.1f} s at 10,000 shards**" if ten_k else "not reached at 10,000 shards"} (target <= 5 s: {verdict(bool(ten_k) and ten_k['seconds'] <= 5)}; the run cut to its first
-  10,000 shards by hard links), {end['seconds']:.1f} s at {end['shards']:,}. Final checkpoint on close: {local['close_seconds']:.2f} s.
-{s3_text}- driver RSS: {_mb(local['rss_start'])} MB after imports, {_mb(local['rss_ready'])} MB with Ray up and the engines ready, then
-  {", ".join(rss_points)} prompts: +{_mb(growth)} MB over the run. What grows: the committed-id set
-  ({_mb(ids_bytes)} MB at the end, {ids_bytes / max(1, local['rows']):.0f} B per id), the prompt stream's duplicate check, which holds every id read
-  (the same ids again: {_mb(js['id_set_bytes'])} MB for {js['prompts']:,}), and the manifest's shard list ({_mb(list_bytes)} MB,
-  {list_bytes / max(1, local['shards']):.0f} B per shard). Target "bounded by the committed-id set": **met within a factor of
-  ~2** (ids twice, once committed and once seen), **not** by the committed set alone.
-- prompt source alone (`load_prompts` over {args.file_rows:,} rows, batches of {args.batch_size}, in its own process; RSS
-  before reading, after the first batch, peak): JSONL {js['prompts'] / js['seconds']:,.0f} prompts/s, RSS {_mb(js['rss_start'])} / {_mb(js['rss_first'])} / {_mb(js['rss_peak'])} MB;
-  Parquet (64k-row row groups) {pq_['prompts'] / pq_['seconds']:,.0f} prompts/s, RSS {_mb(pq_['rss_start'])} / {_mb(pq_['rss_first'])} / {_mb(pq_['rss_peak'])} MB, Arrow
-  buffers at most {_mb(pq_['arrow_peak'])} MB (row groups in flight). Both stream the file: past the first batch, what
-  grows is the duplicate-check set ({_mb(js['id_set_bytes'])} MB for {js['prompts']:,} ids) and, for Parquet, Arrow buffers
-  up to a few row groups.
+  {reopen_10k} (target <= 5 s: {reopen_ok}; the run cut to its first 10,000 shards by hard links),
+  {reopen_end}. Final checkpoint on close: {close:.2f} s.
+{s3_text}- driver RSS: {rss} over the run. What grows: the committed-id set ({ids}), the prompt
+  stream's duplicate check, which holds every id read (the same ids again: {seen}), and the manifest's
+  shard list ({shard_list}). Target "growth bounded by the committed-id set": **met within a factor of
+  ~2** (every id is held twice, committed and seen), **not** by the committed set alone.
+- prompt source alone (`load_prompts` over {file_rows:,} rows, batches of {batch_size}, in its own process; RSS
+  before reading / after the first batch / peak): {jsonl}; {parquet}. Both stream the file: what grows is the
+  duplicate-check set ({seen} ids; the rest is the allocator's slack). The Parquet reader used to keep
+  every row group it had read (pyarrow's default `pre_buffer=True` with `iter_batches`: Arrow memory grew
+  ~70 MB per million prompts here, the whole file); `pipeline/prompts.py` now opens files with
+  `pre_buffer=False`.
 - the real driver also renders every prompt through the chat template and counts its tokens (the
-  `max_model_len` check): {tokenizer:,.0f} prompts/s on its own with the embedded model's tokenizer, so a real
-  driver would do ~{both:,.0f} prompts/s.
-- driver ceiling: **~{rate:,.0f} prompts/s** with stub engines, ~{both:,.0f} with the tokenizer check. At the projected
-  {PROMPTS_PER_GPU_HOUR:,} prompts/hour per H100 for an 8B model (section "Generation pipeline"), one driver feeds
-  **~{gpus:,.0f} GPUs** (~{both * 3600 / PROMPTS_PER_GPU_HOUR:,.0f} with the check); a hundred GPUs need ~{100 * PROMPTS_PER_GPU_HOUR / 3600:,.0f} prompts/s.
-"""
+  `max_model_len` check): {tokenizer} on its own with the embedded model's tokenizer, so a real driver
+  would do ~{both} prompts/s.
+- driver ceiling: {ceiling} with stub engines, ~{both} with the tokenizer check. At the projected
+  {per_gpu:,} prompts/hour per H100 for an 8B model (section "Generation pipeline"), one driver feeds
+  {gpus}; a hundred GPUs need ~{hundred} prompts/s.
+""".format(**f, prompts=args.prompts, s3_prompts=args.s3_prompts, actors=args.actors, batch_size=args.batch_size,
+           response_chars=args.response_chars, every=every, rate_ok=verdict(rate >= 2000), tables="\n".join(lines),
+           close=local["close_seconds"], s3_text=s3_text, file_rows=args.file_rows, per_gpu=PROMPTS_PER_GPU_HOUR)
 
 if __name__ == "__main__":
     main()

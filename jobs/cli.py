@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from dataclasses import asdict
@@ -45,12 +46,21 @@ def detect(
     max_new_tokens: int = typer.Option(50),
     dtype: str = typer.Option("float32", help="float32 (exact ties) or bfloat16"),
     device: str = typer.Option("cpu"),
+    chat_template_kwargs: str = typer.Option(None, help='JSON for the chat template, e.g. \'{"enable_thinking": true}\' '
+                                             "(default: thinking off, as RetMask detects)"),
 ):
     """Detect retrieval heads (Wu et al. retrieval score) and write head_scores.json + heatmap."""
     from retrieval_heads.detect import DetectConfig, detect as run_detect
 
+    template = {}
+    if chat_template_kwargs:
+        try:
+            template = {"chat_template_kwargs": json.loads(chat_template_kwargs)}
+        except json.JSONDecodeError as err:
+            raise RetmaskError(f"--chat-template-kwargs is not JSON ({err}); e.g. '{{\"enable_thinking\": true}}'") from None
+
     config = DetectConfig(model=model, lengths=_ints(lengths), depths=_floats(depths), num_needles=needles,
-                          max_new_tokens=max_new_tokens, dtype=dtype, device=device)
+                          max_new_tokens=max_new_tokens, dtype=dtype, device=device, **template)
     scores = run_detect(config, out)
     sparsity = scores.sparsity()
     top = ", ".join(f"{l}-{h} ({s:.3f})" for (l, h), s in scores.ranked()[:5])

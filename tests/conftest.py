@@ -16,7 +16,7 @@ def embedded_model_path() -> str:
 
 @pytest.fixture(scope="session")
 def family_checkpoint(embedded_model_path, tmp_path_factory):
-    """``family_checkpoint("qwen3")``: path of a family's tiny random-weight checkpoint (tests/families.py), built once."""
+    """``family_checkpoint("qwen3")``: path of a family's tiny checkpoint (tests/families.py), built once."""
     from families import FAMILIES, build_checkpoint
 
     built = {}

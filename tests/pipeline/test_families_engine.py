@@ -11,11 +11,12 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from families import FAMILIES
+from families import FAMILIES, eos_token_ids
 from retrieval_heads.niah import PROMPT_TEMPLATE, builtin_haystack, builtin_needles, insert_needle
 
 NEEDLE = builtin_needles()[0]
-NIAH = PROMPT_TEMPLATE.format(context=insert_needle(builtin_haystack()[:1200], NEEDLE.needle, 0.5)[0], question=NEEDLE.question)
+CONTEXT, _ = insert_needle(builtin_haystack()[:1200], NEEDLE.needle, 0.5)
+NIAH = PROMPT_TEMPLATE.format(context=CONTEXT, question=NEEDLE.question)
 PROMPTS = ["What is the capital of France?", [{"role": "user", "content": "Write a haiku about the sea."}], NIAH]
 MAX_TOKENS = 16
 
@@ -31,6 +32,7 @@ class FamilyRun:
     gated_plain: list
     static_original: list  # plain engine, original checkpoint
     static_masked: list  # plain engine, exported masked checkpoint
+    exported: object  # path of the exported masked checkpoint
 
 
 def _tokens(completions):
@@ -70,7 +72,7 @@ def _run_family(name: str, checkpoint, out) -> FamilyRun:
         masked = [tuple(o.outputs[0].token_ids) for o in static.generate(inputs, _greedy(), use_tqdm=False)]
     finally:
         static.llm_engine.engine_core.shutdown()
-    return FamilyRun(config, mask, rendered, gated_masked, gated_plain, original, masked)
+    return FamilyRun(config, mask, rendered, gated_masked, gated_plain, original, masked, exported)
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +96,14 @@ def test_gate_is_token_identical_to_a_plain_engine_with_and_without_a_mask(famil
     assert run.gated_masked == run.static_masked  # == the exported masked checkpoint
     assert run.gated_plain == run.static_original  # no mask == the original checkpoint
     assert all(len(tokens) == MAX_TOKENS for tokens in run.gated_plain)  # random weights never hit EOS here
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_exported_checkpoint_keeps_the_eos_ids_and_the_chat_template(family, family_run, family_checkpoint):
+    run, original = family_run(family), family_checkpoint(family)
+    assert eos_token_ids(FAMILIES[family], run.exported) == eos_token_ids(FAMILIES[family], original)
+    assert (run.exported / "chat_template.jinja").read_text() == (original / "chat_template.jinja").read_text()
 
 
 @pytest.mark.slow

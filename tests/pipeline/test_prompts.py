@@ -92,6 +92,19 @@ def test_parquet_reads_custom_fields_in_batches(tmp_path):
     assert batches[0][0] == Prompt("u0", "q0", {"source": "parquet"})
 
 
+def test_a_large_parquet_source_streams_in_memory_of_a_row_group_not_of_the_file(tmp_path):
+    import os
+
+    texts = [os.urandom(150).hex() for _ in range(60_000)]  # ~18 MB, incompressible
+    pq.write_table(pa.table({"prompt": texts}), tmp_path / "p.parquet", row_group_size=2_000)  # ~0.6 MB each
+    base, held, n = pa.total_allocated_bytes(), 0, 0
+    for batch in load_prompts("parquet", tmp_path / "p.parquet", batch_size=500, id_field=None):
+        n += len(batch)
+        held = max(held, pa.total_allocated_bytes() - base)
+    assert n == len(texts)
+    assert held < 6 << 20, f"Arrow held {held >> 20} MB while streaming an 18 MB file"
+
+
 def test_parquet_without_id_column_uses_content_hash_and_rejects_nulls(tmp_path):
     pq.write_table(pa.table({"prompt": ["a", None, "b"]}), tmp_path / "p.parquet")
     stream = load_prompts("parquet", tmp_path / "p.parquet")

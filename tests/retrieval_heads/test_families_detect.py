@@ -68,7 +68,8 @@ def scored_rows(monkeypatch):
 def forced_trial(model, tokenizer, depth: float, tail: list[int], config: DetectConfig | None = None):
     """Run one detection trial whose greedy answer is the needle's answer tokens followed by ``tail``."""
     config = config or DetectConfig(max_new_tokens=40)
-    prompt = build_prompt(tokenizer, builtin_needles()[NEEDLE], LENGTH, depth, chat_template_kwargs=config.chat_template_kwargs)
+    prompt = build_prompt(tokenizer, builtin_needles()[NEEDLE], LENGTH, depth,
+                          chat_template_kwargs=config.chat_template_kwargs)
     start, end = prompt.answer_span
     answer = prompt.input_ids[start:end]
     with teacher_forced(model, len(prompt.input_ids), answer + tail):
@@ -136,12 +137,14 @@ def answer_tail(tokenizer) -> list[int]:
 
 # The family's chat template around the NIAH body, as each released model renders one user turn.
 RENDERED = {
-    "llama3.1": ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
-                 "Today Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n",
+    "llama3.1": ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+                 "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>"
+                 "<|start_header_id|>user<|end_header_id|>\n\n",
                  "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"),
     "qwen3": ("<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"),  # thinking off
-    "olmo3": ("<|im_start|>system\nYou are a helpful function-calling AI assistant. You do not currently have access to "
-              "any functions. <functions></functions><|im_end|>\n<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"),
+    "olmo3": ("<|im_start|>system\nYou are a helpful function-calling AI assistant. You do not currently have "
+              "access to any functions. <functions></functions><|im_end|>\n<|im_start|>user\n",
+              "<|im_end|>\n<|im_start|>assistant\n"),
 }
 SPECIAL = {
     "llama3.1": ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],

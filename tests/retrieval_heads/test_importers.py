@@ -181,7 +181,7 @@ def test_detect_command_prints_the_preflight_report(tmp_path, monkeypatch, capsy
 
     monkeypatch.setattr(retrieval_heads.detect, "detect", lambda config, out: HeadScores.load(DATA / "wu_tiny.json"))
     detect(model="tiny", out=str(tmp_path), lengths="500", depths="0.5", needles=1, max_new_tokens=8,
-           dtype="float32", device="cpu")
+           dtype="float32", device="cpu", chat_template_kwargs=None)
     printed = capsys.readouterr().out
     assert "pre-flight" in printed and "counted trials per head 3 (min)" in printed and "warning:" in printed
 

@@ -1,4 +1,6 @@
-"""Where tensor-parallel engines land on a cluster of several nodes, through the options the run uses.
+"""Run by tests/pipeline/test_ray_placement.py in a fresh process (see there why).
+
+Where tensor-parallel engines land on a cluster of several nodes, through the options the run uses.
 
 ``pipeline.generate.actor_options`` gives each engine of ``tensor_parallel_size > 1`` a STRICT_PACK
 placement group: all of its GPUs on one node. Ray schedules declared GPUs as plain resources, so a

@@ -53,9 +53,11 @@ def hash_model_dir(path: str | Path) -> str:
     weights = sorted(x for x in p.iterdir() if x.is_file() and x.name.endswith(_WEIGHT_SUFFIXES))
     if weights:
         cache = _read_cache()
+        known = len(cache)
         for f in weights:
             h.update(f"{f.name}\0{_file_digest(f, cache)}\n".encode())
-        _write_cache(cache)
+        if len(cache) > known:  # rewritten only when a file was hashed, not on every lookup
+            _write_cache(cache)
         found = True
     if not found:
         raise RetmaskError(f"{p} has neither config.json nor weight files; is it a model directory?")

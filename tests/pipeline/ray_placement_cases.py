@@ -10,13 +10,11 @@ fits only on the other node, and a third fits nowhere whole (one GPU free on eac
 one-line error, never two halves of one engine on two nodes, and never a hang.
 """
 
-import subprocess
 import time
-import uuid
 
 import pytest
 import ray
-from test_node_loss import LoopbackCluster, _free_port
+from test_node_loss import LoopbackCluster
 
 from pipeline import generate
 from pipeline.actors import ActorPool
@@ -27,7 +25,7 @@ GPUS_PER_NODE = 3
 
 
 class GpuCluster(LoopbackCluster):
-    """LoopbackCluster whose nodes declare GPUs (``ray start --num-gpus``); torn down by pid as there.
+    """LoopbackCluster (nodes declare GPUs through ``add_node(num_gpus=...)``), torn down by pid as there.
 
     Token auth off (``ray start --head`` turns it on by default): this pytest process is the driver, and
     Ray fixes its auth mode when first imported; the nodes listen on 127.0.0.1 only.
@@ -36,33 +34,6 @@ class GpuCluster(LoopbackCluster):
     def __init__(self, tmp):
         super().__init__(tmp)
         self.env["RAY_AUTH_MODE"] = "disabled"
-
-    def add_node(self, num_cpus: int, num_gpus: int = 0) -> subprocess.Popen:
-        temp_dir = f"/tmp/rmp-{uuid.uuid4().hex[:6]}"  # short: Ray's socket paths must stay under 108 bytes
-        names = ["node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
-                 "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port"]
-        cmd = ["ray", "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
-               f"--num-gpus={num_gpus}", "--disable-usage-stats", f"--temp-dir={temp_dir}",
-               "--object-store-memory=100000000"]
-        if self.address is None:
-            gcs_port = _free_port()
-            self.address = f"127.0.0.1:{gcs_port}"
-            cmd += ["--head", f"--port={gcs_port}", "--include-dashboard=false",
-                    f"--ray-client-server-port={_free_port()}"]
-        else:
-            cmd += [f"--address={self.address}"]
-        cmd += [f"--{name}={_free_port()}" for name in names]
-        log_path = self.tmp / f"node{len(self.nodes)}.log"
-        log = open(log_path, "w")
-        node = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        node.temp_dir, node.log = temp_dir, log
-        self.nodes.append(node)  # before waiting: shutdown() stops a node that never came up too
-        deadline = time.time() + 120
-        while "Ray runtime started" not in log_path.read_text():
-            assert node.poll() is None, log_path.read_text()[-3000:]
-            assert time.time() < deadline, "a Ray node did not start"
-            time.sleep(0.5)
-        return node
 
 
 def _stub_engine() -> type:

@@ -153,11 +153,12 @@ class LoopbackCluster:
         self.tmp, self.nodes, self.address = tmp, [], None
         self.env = child_env(RAY_AUTH_MODE="token", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
 
-    def add_node(self, num_cpus: int) -> subprocess.Popen:
+    def add_node(self, num_cpus: int, num_gpus: int = 0) -> subprocess.Popen:
+        """Start one raylet (the first is the head); ``num_gpus`` are declared, Ray schedules them as resources."""
         temp_dir = f"/tmp/rmn-{uuid.uuid4().hex[:6]}"  # short: Ray's socket paths must stay under 108 bytes
         names = ["node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
                  "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port"]
-        cmd = ["ray", "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--num-gpus=0",
+        cmd = ["ray", "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
                "--disable-usage-stats", f"--temp-dir={temp_dir}", "--object-store-memory=100000000"]
         if self.address is None:
             gcs_port = _free_port()

@@ -280,10 +280,10 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(ROOT))
-    from retrieval_heads.models import resolve_model
-
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from retrieval_heads.models import resolve_model
 
     with torch.device("meta"):  # shapes only, no weights
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model("smollm2-135m-instruct")))

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
-from dataclasses import asdict
 
 import typer
 
@@ -50,7 +48,8 @@ def detect(
                                              "(default: thinking off, as RetMask detects)"),
 ):
     """Detect retrieval heads (Wu et al. retrieval score) and write head_scores.json + heatmap."""
-    from retrieval_heads.detect import DetectConfig, detect as run_detect
+    from retrieval_heads.detect import DetectConfig
+    from retrieval_heads.detect import detect as run_detect
 
     template = {}
     if chat_template_kwargs:
@@ -137,7 +136,8 @@ def generate(
     """Generate normal and head-masked responses for every prompt, as Parquet preference shards."""
     from importlib import resources
 
-    from pipeline.generate import GenerateConfig, generate as run_generate
+    from pipeline.generate import GenerateConfig
+    from pipeline.generate import generate as run_generate
 
     path = config or str(resources.files("jobs") / "configs" / "demo.yaml")
     cfg = GenerateConfig.from_yaml(
@@ -210,7 +210,8 @@ def plan_cmd(
     from importlib import resources
 
     from pipeline.generate import GenerateConfig
-    from pipeline.plan import format_plan, plan as run_plan
+    from pipeline.plan import format_plan
+    from pipeline.plan import plan as run_plan
 
     path = config or str(resources.files("jobs") / "configs" / "demo.yaml")
     cfg = GenerateConfig.from_yaml(path, model=model, prompts_source=prompts_source, prompts=prompts, scores=scores,

@@ -90,7 +90,7 @@ def _eval(out: Path) -> list[str]:
               "pairs with 2048-token responses on 8B models.", "",
               *("#" + line if line.startswith("#") else line for line in (out / "eval" / "results.md").read_text().rstrip().splitlines()), "",
               "![by length](eval/scores_by_length.png)", "![overall](eval/overall.png)", "",
-              f"Reproduce: `retmask eval --models base=MODEL,retmask=TRAINED/final --out OUT` (default suite: 1K-8K, "
+              "Reproduce: `retmask eval --models base=MODEL,retmask=TRAINED/final --out OUT` (default suite: 1K-8K, "
               "20 samples per task x length); HELMET on a trained checkpoint: see README.", ""]
     return lines
 

@@ -44,8 +44,17 @@ from vllm.model_executor.model_loader import BaseModelLoader, get_model_loader, 
 
 # Tensor-parallel placement and memory arithmetic: pure and vLLM-free, so `retmask plan` shares them.
 from pipeline.placement import (  # noqa: F401 (re-exported: callers and tests import them from here)
-    check_context as _check_context, check_kv_memory as _check_kv_memory, check_tensor_parallel,
-    checkpoint_dtype, dtype_bytes as _dtype_bytes, head_to_rank, local_heads,
+    check_context as _check_context,
+)
+from pipeline.placement import (
+    check_kv_memory as _check_kv_memory,
+)
+from pipeline.placement import (
+    check_tensor_parallel,
+    local_heads,
+)
+from pipeline.placement import (
+    dtype_bytes as _dtype_bytes,
 )
 from retrieval_heads.errors import RetmaskError
 from retrieval_heads.masking import SUPPORTED_ARCHITECTURES, HeadMask, channel_gate, output_projections

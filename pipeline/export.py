@@ -56,9 +56,8 @@ def export_pairs(
     overwrite: bool = False,
 ) -> dict:
     """Write the filtered ``chosen``/``rejected`` pairs of generation output ``out_dir`` to ``dest``; a summary."""
-    from trainer.data import eval_bucket, filter_pairs, pairs_digest, read_pair_table
-
     from pipeline.shards import manifest_digest
+    from trainer.data import eval_bucket, filter_pairs, pairs_digest, read_pair_table
 
     if fmt not in FORMATS:
         raise RetmaskError(f"unknown export format {fmt!r}; use one of {list(FORMATS)}")

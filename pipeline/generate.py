@@ -12,7 +12,6 @@ The driver never imports vLLM; it loads only the tokenizer, to reject prompts to
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging

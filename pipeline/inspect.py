@@ -20,8 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from retrieval_heads.errors import redact
 from pipeline.shards import DATA, FORMAT, SCHEMA_VERSION, output_fs, read_manifest, schema_for, shard_problems
+from retrieval_heads.errors import redact
 
 BASELINE = "normal"  # the chosen side of every pair
 

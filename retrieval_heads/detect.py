@@ -21,7 +21,14 @@ from pathlib import Path
 from retrieval_heads.errors import RetmaskError
 from retrieval_heads.masking import decoder_layers
 from retrieval_heads.models import EMBEDDED_ALIAS, resolve_model, shape_of
-from retrieval_heads.niah import NIAH_CHAT_TEMPLATE_KWARGS, NIAHGrid, NIAHPrompt, build_prompt, builtin_needles, check_fits
+from retrieval_heads.niah import (
+    NIAH_CHAT_TEMPLATE_KWARGS,
+    NIAHGrid,
+    NIAHPrompt,
+    build_prompt,
+    builtin_needles,
+    check_fits,
+)
 from retrieval_heads.preflight import preflight
 from retrieval_heads.scores import HeadScores
 

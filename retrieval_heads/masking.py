@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 
 from retrieval_heads.errors import RetmaskError
 from retrieval_heads.models import ModelShape, shape_of
-from retrieval_heads.scores import Head
+from retrieval_heads.scores import Head, HeadScores, select_heads
 
 # Attention output projections the gate knows, as (attention module attribute, projection attribute).
 SUPPORTED_PROJECTIONS = [("self_attn", "o_proj")]
@@ -78,6 +78,19 @@ class HeadMask:
 
     def to_dict(self) -> dict:
         return {"id": self.id, "heads": self.spec(), "num_layers": self.num_layers, "num_heads": self.num_heads}
+
+
+def select_mask(scores: HeadScores | str | Path, rule: str, shape: ModelShape, **options) -> HeadMask:
+    """The heads ``rule`` picks from a score file (or loaded scores), as a mask checked against ``shape``.
+
+    The one path from "score file" to "mask" that detection checks, generation and export all take, so a
+    score file detected on another model (a shape mismatch) is refused the same way everywhere. ``options``
+    are the rule's (``threshold``, ``k``, ``seed``, ``exclude``; see ``retrieval_heads.scores.SELECTORS``).
+    """
+    if not isinstance(scores, HeadScores):
+        scores = HeadScores.load(scores)
+    scores.check_shape(shape)
+    return HeadMask.for_shape(select_heads(scores, rule, **options), shape)
 
 
 def output_projections(model) -> list:

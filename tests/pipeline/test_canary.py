@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-
 from gen_support import REPO, child_env
 
 # Heads no other test masks, so the session engine has not proven this mask yet.

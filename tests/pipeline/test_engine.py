@@ -102,8 +102,9 @@ def test_too_little_kv_memory_for_the_context_is_refused(embedded_model_path):
 
 
 def test_sampling_must_match_the_prompts():
-    from pipeline.engine import _per_prompt
     from vllm import SamplingParams
+
+    from pipeline.engine import _per_prompt
 
     params = _per_prompt(SamplingParams(temperature=0.6), 3, seeds=[7, 8, 9])
     assert [p.seed for p in params] == [7, 8, 9] and all(p.temperature == 0.6 for p in params)

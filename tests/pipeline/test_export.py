@@ -12,13 +12,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from gen_support import REPO, child_env, retmask
 
 from pipeline.export import export_pairs
 from pipeline.shards import make_row, manifest_digest, open_run, read_manifest
 from retrieval_heads.errors import RetmaskError
 from trainer.data import eval_bucket, load_pairs
-
-from gen_support import REPO, child_env, retmask
 
 sys.path.insert(0, str(REPO / "tests" / "trainer"))
 from pairs_fixtures import crafted_rows  # noqa: E402

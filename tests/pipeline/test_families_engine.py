@@ -10,8 +10,8 @@ import os
 from dataclasses import dataclass, replace
 
 import pytest
-
 from families import FAMILIES, eos_token_ids
+
 from retrieval_heads.niah import PROMPT_TEMPLATE, builtin_haystack, builtin_needles, insert_needle
 
 NEEDLE = builtin_needles()[0]

@@ -19,7 +19,17 @@ from types import SimpleNamespace
 
 import pyarrow.fs as pafs
 import pytest
-from gen_support import REPO, RETRIEVAL, child_env, data_files, prompt_rows, retmask, write_config, write_prompts, write_scores
+from gen_support import (
+    REPO,
+    RETRIEVAL,
+    child_env,
+    data_files,
+    prompt_rows,
+    retmask,
+    write_config,
+    write_prompts,
+    write_scores,
+)
 
 from pipeline.generate import GenerateConfig, prompt_seed
 from pipeline.inspect import inspect_run

@@ -18,8 +18,17 @@ from pathlib import Path
 
 import psutil
 import pytest
-from gen_support import (REPO, child_env, data_files, job_summary, prompt_rows, retmask, write_config, write_prompts,
-                         write_scores)
+from gen_support import (
+    REPO,
+    child_env,
+    data_files,
+    job_summary,
+    prompt_rows,
+    retmask,
+    write_config,
+    write_prompts,
+    write_scores,
+)
 
 from pipeline.inspect import inspect_run
 from pipeline.shards import read_manifest, read_pairs_table

@@ -9,7 +9,6 @@ from retrieval_heads.detect import (
     DetectConfig,
     TrialRecord,
     copy_scores,
-    top_positions,
     detect,
     eos_ids,
     greedy_decode_scored,
@@ -17,6 +16,7 @@ from retrieval_heads.detect import (
     merge_trials,
     reference_scores,
     run_trial,
+    top_positions,
 )
 from retrieval_heads.niah import build_prompt, builtin_needles
 from retrieval_heads.scores import HeadScores

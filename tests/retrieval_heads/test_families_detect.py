@@ -10,8 +10,8 @@ import contextlib
 
 import pytest
 import torch
-
 from families import FAMILIES, eos_token_ids
+
 from retrieval_heads import detect
 from retrieval_heads.detect import DetectConfig, eos_ids, load_model, reference_scores, run_trial
 from retrieval_heads.niah import build_prompt, builtin_needles

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import yaml
-
 from pairs_fixtures import crafted_rows
+
 from pipeline.shards import read_manifest
 from retrieval_heads.errors import RetmaskError
 from trainer.config import TrainConfig

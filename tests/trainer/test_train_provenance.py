@@ -5,8 +5,8 @@ None of these trains: every refusal comes before the model loads.
 
 import pytest
 import yaml
-
 from pairs_fixtures import RUN_CONFIG, crafted_rows, model_record
+
 from pipeline.shards import read_manifest
 from retrieval_heads.errors import RetmaskError
 from trainer.config import TrainConfig

@@ -5,13 +5,12 @@ import shutil
 
 import pyarrow.parquet as pq
 import pytest
+from pairs_fixtures import RUN_CONFIG, VARIANTS, crafted_rows
 from trl.data_utils import is_conversational
 
 from pipeline.shards import make_row
 from retrieval_heads.errors import RetmaskError
 from trainer.data import eval_bucket, load_pairs
-
-from pairs_fixtures import RUN_CONFIG, VARIANTS, crafted_rows
 
 
 def row(pid, normal, masked, *, normal_reason="stop", masked_reason="stop", normal_tokens=5, masked_tokens=5, prompt=None):

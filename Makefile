@@ -28,6 +28,7 @@ demo: setup
 	$(BIN)/retmask demo
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 bench: setup

@@ -23,7 +23,8 @@ MODEL = "smollm2-135m-instruct"
 def _trials(tokenizer, length: int, n: int):
     from retrieval_heads.niah import build_prompt, builtin_needles
 
-    return [build_prompt(tokenizer, builtin_needles()[i % len(builtin_needles())], length, 0.25 + 0.5 * (i % 2)) for i in range(n)]
+    needles = builtin_needles()
+    return [build_prompt(tokenizer, needles[i % len(needles)], length, 0.25 + 0.5 * (i % 2)) for i in range(n)]
 
 
 def worker(mode: str, length: int, n: int, records: Path) -> dict:
@@ -60,10 +61,12 @@ def worker(mode: str, length: int, n: int, records: Path) -> dict:
             k = max(1, len(r["generated"]))
             t0 = time.perf_counter()
             with torch.inference_mode():
-                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k, do_sample=False)
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k,
+                               do_sample=False)
             seconds.append(time.perf_counter() - t0)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"mode": mode, "seconds_per_trial": sum(seconds) / len(seconds), "peak_rss_gb": peak_gb, "prompt_tokens": len(prompts[0].input_ids), **extra}
+    return {"mode": mode, "seconds_per_trial": sum(seconds) / len(seconds), "peak_rss_gb": peak_gb,
+            "prompt_tokens": len(prompts[0].input_ids), **extra}
 
 
 def main() -> None:
@@ -84,7 +87,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         records = Path(tmp) / "records.json"
         for mode in ("fast", "reference", "generate"):
-            cmd = [sys.executable, __file__, "--mode", mode, "--length", str(args.length), "--trials", str(args.trials), "--records", str(records)]
+            cmd = [sys.executable, __file__, "--mode", mode, "--length", str(args.length), "--trials", str(args.trials),
+                   "--records", str(records)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             results[mode] = json.loads(out.strip().splitlines()[-1])
             print(json.dumps(results[mode]), flush=True)
@@ -92,8 +96,10 @@ def main() -> None:
     section = "\n".join([
         "## Retrieval-head detection",
         "",
-        f"Command: `python bench/bench_detect.py --length {args.length} --trials {args.trials} --write docs/BENCHMARKS.md`",
-        f"(embedded model, fp32, {fast['prompt_tokens']}-token prompts, {args.trials} trials, tokens generated {fast['tokens']}).",
+        f"Command: `python bench/bench_detect.py --length {args.length} --trials {args.trials} "
+        "--write docs/BENCHMARKS.md`",
+        f"(embedded model, fp32, {fast['prompt_tokens']}-token prompts, {args.trials} trials, "
+        f"tokens generated {fast['tokens']}).",
         "",
         "| method | s / trial | peak RSS (GB) |",
         "|---|---|---|",
@@ -101,9 +107,12 @@ def main() -> None:
         f"| full eager T x T reference | {ref['seconds_per_trial']:.2f} | {ref['peak_rss_gb']:.2f} |",
         f"| plain greedy `generate` (SDPA), same tokens | {gen['seconds_per_trial']:.2f} | {gen['peak_rss_gb']:.2f} |",
         "",
-        f"- speed-up over the reference: **{ref['seconds_per_trial'] / fast['seconds_per_trial']:.1f}x** (target >= 8x)",
-        f"- cost relative to plain generation: **{fast['seconds_per_trial'] / gen['seconds_per_trial']:.2f}x** (target <= 1.25x)",
-        f"- max |score difference| vs the reference: **{ref['max_abs_diff']:.1e}** (target <= 1e-6; total score mass {ref['score_sum']:.2f})",
+        f"- speed-up over the reference: **{ref['seconds_per_trial'] / fast['seconds_per_trial']:.1f}x** "
+        "(target >= 8x)",
+        f"- cost relative to plain generation: **{fast['seconds_per_trial'] / gen['seconds_per_trial']:.2f}x** "
+        "(target <= 1.25x)",
+        f"- max |score difference| vs the reference: **{ref['max_abs_diff']:.1e}** (target <= 1e-6; total score "
+        f"mass {ref['score_sum']:.2f})",
         "",
     ])
     print(section)
@@ -113,7 +122,8 @@ def main() -> None:
 
 def write_section(path: Path, heading: str, section: str) -> None:
     """Replace (or append) one '## ' section of a markdown file, keeping the others."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nFigures measured on the project's 2-core CPU machine unless a section says otherwise.\n"
+    fresh = "# Benchmarks\n\nFigures measured on the project's 2-core CPU machine unless a section says otherwise.\n"
+    text = path.read_text() if path.exists() else fresh
     parts = text.split("\n## ")
     head, rest = parts[0], ["## " + p for p in parts[1:]]
     rest = [p for p in rest if not p.startswith(heading)] + [section]

@@ -3,7 +3,7 @@
 The engines are stubs (``StubActor``: the ``GenerationActor`` interface, rows from ``make_row`` after an
 optional sleep per batch); everything else is the run's own code: ``pipeline.actors.ActorPool`` on a local
 Ray, ``pipeline.prompts.load_prompts`` streaming a generated 1M-row JSONL file, ``pipeline.generate``'s
-``_limited``, ``_drive`` and ``_Rejects``, and ``pipeline.shards.open_run`` / ``ShardWriter`` committing one
+``_limited``, ``_drive`` and ``_Rejects``, and ``pipeline.shard_writer.open_run`` / ``ShardWriter`` committing one
 shard per batch. Measured:
 
 - driver prompts/s and commits/s; commit latency (``write_shard``) p50/p99 around 100, 1k, 10k... shards;
@@ -61,7 +61,7 @@ class StubActor:
     """
 
     def __init__(self, index: int, engine: dict, engine_kwargs: dict, sampling: dict, masks: dict[str, list]):
-        from pipeline.shards import schema_for
+        from pipeline.shard_schema import schema_for
 
         self.index, self.variants = index, list(masks)
         self.delay, chars = engine.get("stub_batch_seconds", 0.0), engine.get("stub_response_chars", 400)
@@ -78,7 +78,7 @@ class StubActor:
     def generate(self, batch: list[tuple[str, str, int]]):
         import pyarrow as pa
 
-        from pipeline.shards import make_row
+        from pipeline.shard_schema import make_row
 
         if self.delay:
             time.sleep(self.delay)
@@ -175,18 +175,18 @@ def driver_worker(args) -> dict:
     """One driver run over ``args.prompts`` prompts into ``args.out`` (local path, or a bucket on ``args.s3``)."""
     import ray
 
-    from pipeline import actors
     from pipeline.actors import ActorPool
-    from pipeline.generate import GenerateConfig, _drive, _limited, _Rejects, actor_options
+    from pipeline.cluster import actor_options, connect
+    from pipeline.generate import GenerateConfig, _drive, _limited, _Rejects
     from pipeline.prompts import load_prompts
-    from pipeline.shards import CHECKPOINT_EVERY, open_run
+    from pipeline.shard_writer import CHECKPOINT_EVERY, open_run
 
     fs = _s3(args.s3) if args.s3 else None
     if fs is not None:
         fs.create_dir(args.out.split("/")[0])
-    engine = {"stub_batch_seconds": args.batch_seconds, "stub_response_chars": args.response_chars}
+    stub = {"stub_batch_seconds": args.batch_seconds, "stub_response_chars": args.response_chars}
     config = GenerateConfig(variants=VARIANTS, num_actors=args.actors, batch_size=args.batch_size,
-                            max_prompts=args.prompts, engine=engine)
+                            max_prompts=args.prompts)
     rss_start = _rss()
     writer = open_run(args.out, RUN_CONFIG, VARIANTS, filesystem=fs)
     latencies: list[float] = []
@@ -199,10 +199,10 @@ def driver_worker(args) -> dict:
         return entry
 
     writer.write_shard = timed
-    actors.connect(None, num_cpus=max(os.cpu_count() or 1, args.actors))
+    connect(None, num_cpus=max(os.cpu_count() or 1, args.actors))
     remote, groups = ray.remote(StubActor), {}
     pool = ActorPool(lambda i: remote.options(**actor_options(config, i, groups, False)).remote(
-        i, config.engine, {}, {}, {v: [] for v in VARIANTS}), args.actors, config.batches_in_flight, config.max_retries)
+        i, stub, {}, {}, {v: [] for v in VARIANTS}), args.actors, config.batches_in_flight, config.max_retries)
     pool.wait_ready()
     stream = load_prompts("jsonl", args.prompts_file, batch_size=args.batch_size, skip_ids=writer.committed_ids)
     rejects = _Rejects(writer, config.strict)
@@ -224,7 +224,7 @@ def driver_worker(args) -> dict:
 
         profile = cProfile.Profile()
         profile.enable()
-    rows, _, seconds = _drive(config, pool, batches, writer, rejects, args.prompts)
+    rows, _, seconds = _drive(pool, batches, writer, rejects, args.prompts)
     if profile:
         profile.disable()
         import pstats
@@ -248,7 +248,7 @@ def driver_worker(args) -> dict:
 
 def reopen_worker(out: str, s3: str | None) -> dict:
     """``open_run`` of a finished run (what a resume pays before its first batch), then its close."""
-    from pipeline.shards import open_run
+    from pipeline.shard_writer import open_run
 
     fs = _s3(s3) if s3 else None
     t = time.perf_counter()
@@ -263,10 +263,10 @@ def reopen_worker(out: str, s3: str | None) -> dict:
 
 def tokenizer_rate(prompts_file: Path, n: int) -> float:
     """Prompts/s of the driver's per-prompt token check alone (embedded model's tokenizer and chat template)."""
-    from pipeline.generate import _token_counter, _tokenizer
+    from pipeline.run_config import chat_tokenizer, token_counter
     from retrieval_heads.models import EMBEDDED_ALIAS, ensure_embedded_model
 
-    count = _token_counter(_tokenizer(str(ensure_embedded_model()), EMBEDDED_ALIAS), {})
+    count = token_counter(chat_tokenizer(str(ensure_embedded_model()), EMBEDDED_ALIAS), {})
     with open(prompts_file) as f:
         texts = [json.loads(next(f))["prompt"] for _ in range(n)]
     t = time.perf_counter()
@@ -542,7 +542,7 @@ load average {loads} at the start, before and after the local run, and at the en
   before reading / after the first batch / peak): {jsonl}; {parquet}. Both stream the file: what grows is the
   duplicate-check set ({seen} ids; the rest is the allocator's slack). The Parquet reader used to keep
   every row group it had read (pyarrow's default `pre_buffer=True` with `iter_batches`: Arrow memory grew
-  ~70 MB per million prompts here, the whole file); `pipeline/prompts.py` now opens files with
+  ~70 MB per million prompts here, the whole file); `pipeline/prompt_sources.py` now opens files with
   `pre_buffer=False`.
 - the real driver also renders every prompt through the chat template and counts its tokens (the
   `max_model_len` check): {tokenizer} on its own with the embedded model's tokenizer, so a real driver

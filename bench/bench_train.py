@@ -39,7 +39,8 @@ GENERIC = ["I don't know.", "Sorry, I can't tell.", "No idea, sorry.", "That dep
 def write_pairs(out: Path, n: int) -> None:
     """Pairs whose chosen answer uses the prompt's facts and whose rejected answer ignores them."""
     sys.path.insert(0, str(ROOT))
-    from pipeline.shards import make_row, open_run
+    from pipeline.shard_schema import make_row
+    from pipeline.shard_writer import open_run
 
     rng = random.Random(0)
     rows = []
@@ -198,13 +199,15 @@ def report(results: dict[str, list[dict]], args, n_params: int) -> str:
     lines = [
         "## DPO trainer",
         "",
-        f"Command: `python bench/bench_train.py{f' --threads {args.threads}' if args.threads != 1 else ''}{' --write-docs' if args.write_docs else ''}` "
+        f"Command: `python bench/bench_train.py{f' --threads {args.threads}' if args.threads != 1 else ''}"
+        f"{' --write-docs' if args.write_docs else ''}` "
         f"({args.rounds} rounds of train() and plain TRL in alternating order, {args.steps} steps each, "
         f"median of steps 2..{args.steps}).",
-        f"Machine: {os.cpu_count()} CPU cores{' **shared with other jobs**' if load[0] > 2.5 else ''} (load average {load[0]:.1f} at the end), "
+        f"Machine: {os.cpu_count()} CPU cores{' **shared with other jobs**' if load[0] > 2.5 else ''} "
+        f"(load average {load[0]:.1f} at the end), "
         f"{args.threads} torch thread(s); embedded SmolLM2-135M-Instruct ({n_params / 1e6:.0f}M params), fp32, "
-        f"demo preset (8 pairs per optimizer step as 4 passes of 2, max_length 512), {results['seq_tokens']:.0f} tokens per sequence "
-        "on average (chat template + prompt + response).",
+        f"demo preset (8 pairs per optimizer step as 4 passes of 2, max_length 512), {results['seq_tokens']:.0f} "
+        "tokens per sequence on average (chat template + prompt + response).",
         "",
         "| variant | step time (s, median per round) | peak RSS (MB) |",
         "|---|---|---|",
@@ -216,7 +219,8 @@ def report(results: dict[str, list[dict]], args, n_params: int) -> str:
         f"- `train()` vs plain TRL: **{ratio:.2f}x** the plain script's speed (plain step time / train() step time; "
         f"target >= 0.95x); single steps spread {spread:.0%} (max - min over median) on this machine, so "
         "the two are equal within noise. Both run the same `DPOTrainer`; train() adds work only outside the "
-        f"step loop (pair filters, split, metrics, plot): setup {statistics.median(r['setup_s'] for r in results['train']):.0f} s "
+        "step loop (pair filters, split, metrics, plot): setup "
+        f"{statistics.median(r['setup_s'] for r in results['train']):.0f} s "
         f"vs {statistics.median(r['setup_s'] for r in results['plain_trl']):.0f} s before the first step.",
         f"- Precomputed reference: peak RSS {rss['train']:.0f} -> {rss['train_precompute']:.0f} MB "
         f"({measured['ref_bytes']:.1f} B/param freed; a fp32 reference copy is 4), step time "
@@ -225,7 +229,8 @@ def report(results: dict[str, list[dict]], args, n_params: int) -> str:
         f"({measured['state_bytes']:.1f} B/param freed, below the 16 B/param of state LoRA drops: fp32 grads 4 + "
         "AdamW m, v 8 + the reference copy 4, replaced by switching the adapter off). At 135M params and ~70-token "
         "sequences the rest of the process peak (activations, temporaries, ~0.5 GB of imported libraries) is "
-        f"{rss['train_lora'] / 1024:.1f} GB and does not shrink with LoRA; at 8B the state term dominates (projection below). With precompute "
+        f"{rss['train_lora'] / 1024:.1f} GB and does not shrink with LoRA; at 8B the state term dominates "
+        "(projection below). With precompute "
         f"{rss['train_lora_precompute']:.0f} MB: LoRA keeps no reference copy to drop.",
         "- Step times of the precompute and LoRA rows are single steps (step 2 of 2): indicative only.",
         "",

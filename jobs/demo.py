@@ -15,26 +15,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from retrieval_heads.config import opt
 from retrieval_heads.models import EMBEDDED_ALIAS
 
 
 @dataclass
 class DemoConfig:
-    """Sizes of every stage, chosen to fit ~20 minutes on 2 CPU cores (see docs/BENCHMARKS.md, "Demo")."""
+    """Sizes of every stage, chosen to fit ~20 minutes on 2 CPU cores (docs/BENCHMARKS.md, "Demo").
 
-    model: str = EMBEDDED_ALIAS
-    out: str = "runs/demo"
-    detect_lengths: tuple[int, ...] = (1000, 2000)
-    detect_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    detect_needles: int = 2
-    ablate_k: int = 5
-    ablate_seeds: tuple[int, ...] = (0, 1)
-    ablate_lengths: tuple[int, ...] = (1000,)
-    ablate_dtype: str = "bfloat16"  # the checkpoint's dtype; 2x faster prefill than float32 here
-    num_prompts: int = 80  # ~72 training pairs after the held-out split: 9 DPO steps of 8 pairs
-    train_control: bool = False  # also train (and evaluate) on random-head pairs: ~8 more minutes
-    eval_lengths: tuple[int, ...] = (1000, 2000)
-    eval_samples: int = 4  # per task x length; the report states the resulting interval widths
+    ``jobs/configs/demo_run.yaml`` maps 1:1; the generation stage reads ``jobs/configs/demo.yaml``.
+    """
+
+    model: str = opt(EMBEDDED_ALIAS, "alias, local checkpoint or hub id of the model the loop runs on")
+    out: str = opt("runs/demo", "output directory (rerun to resume)")
+    detect_lengths: tuple[int, ...] = opt((1000, 2000), "detection context lengths in tokens")
+    detect_depths: tuple[float, ...] = opt((0.0, 0.25, 0.5, 0.75, 1.0), "detection needle depths")
+    detect_needles: int = opt(2, "built-in needles per detection length x depth")
+    ablate_k: int = opt(5, "heads masked per ablation condition")
+    ablate_seeds: tuple[int, ...] = opt((0, 1), "seeds of the random-head ablation controls")
+    ablate_lengths: tuple[int, ...] = opt((1000,), "ablation context lengths in tokens")
+    ablate_dtype: str = opt("bfloat16", "ablation dtype: the checkpoint's, 2x faster prefill than float32 here")
+    num_prompts: int = opt(
+        80, "chat prompts for preference pairs: ~72 training pairs after the held-out split, 9 DPO steps of 8 pairs"
+    )
+    train_control: bool = opt(False, "also train (and evaluate) on random-head pairs: ~8 more minutes")
+    eval_lengths: tuple[int, ...] = opt((1000, 2000), "evaluation context lengths in tokens")
+    eval_samples: int = opt(4, "evaluation samples per task x length; the report states the interval widths")
 
 
 def _stage_fetch(cfg: DemoConfig, out: Path) -> None:
@@ -46,24 +52,44 @@ def _stage_fetch(cfg: DemoConfig, out: Path) -> None:
 def _stage_detect(cfg: DemoConfig, out: Path) -> None:
     from retrieval_heads.detect import DetectConfig, detect
 
-    detect(DetectConfig(model=cfg.model, lengths=cfg.detect_lengths, depths=cfg.detect_depths, num_needles=cfg.detect_needles), out / "detect")
+    detect(
+        DetectConfig(
+            model=cfg.model, lengths=cfg.detect_lengths, depths=cfg.detect_depths, num_needles=cfg.detect_needles
+        ),
+        out / "detect",
+    )
 
 
 def _stage_ablate(cfg: DemoConfig, out: Path) -> None:
     from retrieval_heads.ablation import AblationConfig, run_ablation
 
-    run_ablation(AblationConfig(model=cfg.model, scores=str(out / "detect" / "head_scores.json"), k=cfg.ablate_k,
-                                seeds=cfg.ablate_seeds, lengths=cfg.ablate_lengths, dtype=cfg.ablate_dtype), out / "ablate")
+    run_ablation(
+        AblationConfig(
+            model=cfg.model,
+            scores=str(out / "detect" / "head_scores.json"),
+            k=cfg.ablate_k,
+            seeds=cfg.ablate_seeds,
+            lengths=cfg.ablate_lengths,
+            dtype=cfg.ablate_dtype,
+        ),
+        out / "ablate",
+    )
 
 
 def _stage_generate(cfg: DemoConfig, out: Path) -> None:
     from importlib import resources
 
     from pipeline.generate import GenerateConfig, generate
+    from retrieval_heads.config import load_config
 
-    config = GenerateConfig.from_yaml(str(resources.files("jobs") / "configs" / "demo.yaml"), model=cfg.model,
-                                      scores=str(out / "detect" / "head_scores.json"), out=str(out / "generate"),
-                                      max_prompts=cfg.num_prompts)
+    config = load_config(
+        GenerateConfig,
+        resources.files("jobs") / "configs" / "demo.yaml",
+        model=cfg.model,
+        scores=str(out / "detect" / "head_scores.json"),
+        out=str(out / "generate"),
+        max_prompts=cfg.num_prompts,
+    )
     generate(config)
 
 
@@ -82,8 +108,16 @@ def _train(cfg: DemoConfig, out: Path, rejected: str, name: str) -> None:
 
     # The demo's 128-token budget truncates most responses; dropping truncated pairs (a reader filter the
     # paper does not apply) would leave too few pairs to train on.
-    train(TrainConfig.from_preset("demo", model=cfg.model, pairs=str(out / "generate"), rejected=rejected,
-                                  output_dir=str(out / name), drop_truncated=False))
+    train(
+        TrainConfig.from_preset(
+            "demo",
+            model=cfg.model,
+            pairs=str(out / "generate"),
+            rejected=rejected,
+            output_dir=str(out / name),
+            drop_truncated=False,
+        )
+    )
 
 
 def _stage_train(cfg: DemoConfig, out: Path) -> None:
@@ -98,14 +132,15 @@ def _stage_train_control(cfg: DemoConfig, out: Path) -> None:
 
 
 def _stage_eval(cfg: DemoConfig, out: Path) -> None:
-    from pipeline.evaluate import EvalConfig, evaluate
+    from jobs.eval import run as run_eval
+    from pipeline.evaluation.config import EvalConfig
 
     models = {"base": cfg.model, "retmask": str(out / "train_retrieval" / "final")}
     if cfg.train_control:
         models["control"] = str(out / "train_control" / "final")
     config = EvalConfig.demo(models, lengths=cfg.eval_lengths, samples_per_cell=cfg.eval_samples)
     config.engine.kv_cache_memory_bytes = 512 << 20  # ~11k float32 tokens: prefill-bound on CPU, more buys nothing
-    evaluate(config, out / "eval")
+    run_eval(config, out / "eval")
 
 
 @dataclass(frozen=True)
@@ -213,11 +248,17 @@ def run_demo(cfg: DemoConfig) -> Path:
         with PeakMemory() as memory:
             stage.run(cfg, out)
         release_memory()  # a finished stage's freed heap goes back to the OS before the next one starts
-        timings[stage.name] = {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_gb": round(memory.peak / 2**30, 2)}
+        timings[stage.name] = {
+            "seconds": round(time.perf_counter() - t0, 1),
+            "peak_rss_gb": round(memory.peak / 2**30, 2),
+        }
         record.write_text(json.dumps(timings, indent=2) + "\n")
         marker.write_text(key)
-        print(f"[{i}/{len(STAGES)}] {stage.name}: done in {timings[stage.name]['seconds']:.0f} s, peak "
-              f"{timings[stage.name]['peak_rss_gb']:.1f} GiB (total {time.perf_counter() - start:.0f} s)", file=sys.stderr)
+        print(
+            f"[{i}/{len(STAGES)}] {stage.name}: done in {timings[stage.name]['seconds']:.0f} s, peak "
+            f"{timings[stage.name]['peak_rss_gb']:.1f} GiB (total {time.perf_counter() - start:.0f} s)",
+            file=sys.stderr,
+        )
     from jobs.report import write_report
 
     return write_report(cfg, out, timings)

@@ -14,7 +14,8 @@ def verdict(paired: dict, name: str) -> str:
         return f"{name} scores higher than {paired['vs']}: {span}."
     if high < 0:
         return f"{name} scores lower than {paired['vs']}: {span}."
-    return f"{name} vs {paired['vs']}: {span}; the interval includes 0, so this run shows no difference distinguishable from noise."
+    return (f"{name} vs {paired['vs']}: {span}; the interval includes 0, so this run shows no difference "
+            "distinguishable from noise.")
 
 
 def _timings(timings: dict) -> list[str]:
@@ -40,7 +41,7 @@ def _detect(cfg, out: Path) -> list[str]:
     return lines + ["", "![head scores](detect/head_scores.png)", "",
                     f"Reproduce: `retmask detect --model {cfg.model} --out {out}/detect "
                     f"--lengths {','.join(map(str, cfg.detect_lengths))} --needles {cfg.detect_needles}`. "
-                    "On a GPU cluster: `ray job submit --working-dir . -- python -m jobs.detect_job --model MODEL "
+                    "On a GPU cluster: `ray job submit --working-dir . -- python -m jobs.detect --model MODEL "
                     "--lengths 1000,2000,4000,8000,16000,32000 --workers 8 --gpus-per-worker 1 --out OUT`.", ""]
 
 
@@ -64,7 +65,8 @@ def _pairs(out: Path) -> list[str]:
 
 def _training(out: Path, name: str, title: str) -> list[str]:
     m = json.loads((out / name / "metrics.json").read_text())
-    stats = json.loads((out / name / "data_stats.json").read_text()) if (out / name / "data_stats.json").exists() else {}
+    stats_path = out / name / "data_stats.json"
+    stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
     start, end = m.get("eval_start") or {}, m.get("eval_end") or {}
 
     def fmt(e: dict) -> str:
@@ -74,8 +76,8 @@ def _training(out: Path, name: str, title: str) -> list[str]:
     lines = [f"## {title}", ""]
     if stats:
         lines += [f"Pairs: `{json.dumps({k: v for k, v in stats.items() if not isinstance(v, dict)})}`", ""]
-    return lines + [f"DPO on held-out pairs at step 0: {fmt(start)}.", "", f"At step {m.get('global_step')}: {fmt(end)}.", "",
-                    f"![curves]({name}/curves.png)", ""]
+    return lines + [f"DPO on held-out pairs at step 0: {fmt(start)}.", "",
+                    f"At step {m.get('global_step')}: {fmt(end)}.", "", f"![curves]({name}/curves.png)", ""]
 
 
 def _eval(out: Path) -> list[str]:
@@ -84,11 +86,13 @@ def _eval(out: Path) -> list[str]:
     lines += [f"- {verdict(p, name)}" for name, p in results["paired"].items()]
     ppl = results.get("perplexity") or {}
     if all(ppl.values()) and ppl:
-        lines.append("- Held-out chat perplexity (quality guard): " + ", ".join(f"{n} {v['perplexity']:.2f}" for n, v in ppl.items()) + ".")
+        shown = ", ".join(f"{n} {v['perplexity']:.2f}" for n, v in ppl.items())
+        lines.append(f"- Held-out chat perplexity (quality guard): {shown}.")
+    table = (out / "eval" / "results.md").read_text().rstrip().splitlines()
     lines += ["", "The demo suite is small and the demo's DPO run is a handful of steps on a 135M model: read the "
               "intervals, not the point estimates. The paper's effect (+2.28 HELMET points) comes from thousands of "
               "pairs with 2048-token responses on 8B models.", "",
-              *("#" + line if line.startswith("#") else line for line in (out / "eval" / "results.md").read_text().rstrip().splitlines()), "",
+              *("#" + line if line.startswith("#") else line for line in table), "",
               "![by length](eval/scores_by_length.png)", "![overall](eval/overall.png)", "",
               "Reproduce: `retmask eval --models base=MODEL,retmask=TRAINED/final --out OUT` (default suite: 1K-8K, "
               "20 samples per task x length); HELMET on a trained checkpoint: see README.", ""]
@@ -103,13 +107,14 @@ def write_report(cfg, out: Path, timings: dict) -> Path:
         lines += _ablate(cfg, out)
     if (out / "inspect" / "report.txt").exists():
         lines += _pairs(out)
-    for name, title in (("train_retrieval", "DPO on retrieval-masked pairs"), ("train_control", "DPO on random-head pairs (control)")):
+    for name, title in (("train_retrieval", "DPO on retrieval-masked pairs"),
+                        ("train_control", "DPO on random-head pairs (control)")):
         if (out / name / "metrics.json").exists():
             lines += _training(out, name, title)
     if (out / "train_retrieval").exists():
         lines += ["Reproduce at full scale: `accelerate launch --config_file jobs/configs/accelerate/zero1.yaml "
-                  "--num_processes 4 -m trainer.dpo --config jobs/configs/train_paper.yaml --pairs PAIRS --out OUT` "
-                  "(or `trainer.ray_train` on a Ray cluster)", ""]
+                  "--num_processes 4 -m jobs.train --config jobs/configs/train_paper.yaml --pairs PAIRS --out OUT` "
+                  "(or `retmask train --workers 4 --gpu ...` on a Ray cluster)", ""]
     if (out / "eval" / "results.json").exists():
         lines += _eval(out)
     path = out / "REPORT.md"

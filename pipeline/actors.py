@@ -28,7 +28,6 @@ import logging
 import os
 import re
 import signal
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ import pyarrow as pa
 import ray
 from ray.exceptions import RayActorError, RayError
 
+from pipeline.engine import EngineConfig
 from retrieval_heads.errors import RetmaskError
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,8 @@ PromptItem = tuple[str, str, int]  # (prompt id, text, seed)
 class GenerationActor:
     """Owns one ``GatedLLM``; turns a batch of prompts into one Arrow row per prompt holding every variant."""
 
-    def __init__(self, index: int, engine: dict, engine_kwargs: dict, sampling: dict, masks: dict[str, list]):
+    def __init__(self, index: int, engine: EngineConfig, engine_kwargs: dict, sampling: dict,
+                 masks: dict[str, list]):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
         # Ray forwards every actor's output to the driver's terminal; vLLM's per-engine INFO lines would
         # bury the progress bar. Export VLLM_LOGGING_LEVEL=INFO to see them (read when vLLM is imported).
@@ -61,16 +62,12 @@ class GenerationActor:
             # In-process engine core: on CPU the separate core process only adds a busy-polling process
             # competing for the cores and ~20 s of start-up; GPUs keep vLLM's default (overlap).
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        from pipeline.engine import EngineConfig, GatedLLM
-        from pipeline.shards import schema_for
+        from pipeline.engine import GatedLLM
+        from pipeline.shard_schema import schema_for
         from retrieval_heads.masking import HeadMask
 
-        try:
-            config = EngineConfig(**engine)
-        except TypeError as err:
-            raise RetmaskError(f"engine settings: {err}; use EngineConfig fields (pipeline/engine.py)") from None
         self.index, self.batches = index, 0
-        self.llm = GatedLLM.from_config(config, **engine_kwargs)
+        self.llm = GatedLLM.from_config(engine, **engine_kwargs)
         self.sampling = SamplingParams(**sampling)
         self.masks = {v: HeadMask.for_shape(heads, self.llm.shape) if heads else None for v, heads in masks.items()}
         self.schema = schema_for(list(masks))
@@ -89,20 +86,22 @@ class GenerationActor:
 
         ``stats["rejects"]`` lists ``(prompt id, reason)`` of the prompts the engine refused; they have no row.
         """
-        from pipeline.shards import make_row
+        from pipeline.shard_schema import make_row
 
         start = time.perf_counter()
         kept, outputs, refused = self._outputs(batch)
         rows, tokens = [], 0
         for i, (pid, text, seed) in enumerate(kept):
-            per_variant = {v: (out[i].text, out[i].num_completion_tokens, out[i].finish_reason) for v, out in outputs.items()}
+            per_variant = {v: (out[i].text, out[i].num_completion_tokens, out[i].finish_reason)
+                           for v, out in outputs.items()}
             tokens += sum(out[i].num_completion_tokens for out in outputs.values())
             rows.append(make_row(pid, text, seed, next(iter(outputs.values()))[i].num_prompt_tokens, per_variant))
         seconds = time.perf_counter() - start
         self.batches += 1
         log.info("actor %d: batch %d, %d prompts x %d variants, %d tokens in %.1f s (%.0f tokens/s)",
                  self.index, self.batches, len(kept), len(self.masks), tokens, seconds, tokens / max(seconds, 1e-9))
-        return pa.Table.from_pylist(rows, schema=self.schema), {"tokens": tokens, "seconds": seconds, "rejects": refused}
+        stats = {"tokens": tokens, "seconds": seconds, "rejects": refused}
+        return pa.Table.from_pylist(rows, schema=self.schema), stats
 
     def _outputs(self, batch: list[PromptItem]) -> tuple[list[PromptItem], dict[str, list], list[tuple[str, str]]]:
         """(prompts kept, their completions per variant, refused prompts): halves a failing batch until the
@@ -129,7 +128,8 @@ class GenerationActor:
         if poison and any(poison in text for text in texts):
             raise ValueError("injected poison prompt")
         # The same per-prompt seed under every variant: a pair differs by the mask, not by the dice.
-        return {v: self.llm.generate(list(texts), self.sampling, mask=mask, seeds=list(seeds)) for v, mask in self.masks.items()}
+        return {v: self.llm.generate(list(texts), self.sampling, mask=mask, seeds=list(seeds))
+                for v, mask in self.masks.items()}
 
     def _check_engine(self, err: Exception) -> None:
         """Re-raise ``err`` unless the engine still works: a broken engine would turn every prompt into a reject."""
@@ -155,26 +155,6 @@ class GenerationActor:
 
 # ---------------------------------------------------------------------------------------------------
 # driver side
-
-
-def connect(address: str | None, num_cpus: int) -> bool:
-    """Join the cluster in ``address``/``RAY_ADDRESS`` (set inside ``ray job submit``), else start a local
-    one; returns whether this call initialized Ray (and so should shut it down)."""
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    sigterm = signal.getsignal(signal.SIGTERM)
-    if address:
-        ray.init(address=address)
-    else:
-        # "local", not None: None would silently join any cluster a `ray start` left on this machine.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
-    # ray.init replaces the SIGTERM handler twice (Python: sys.exit(15); its C++ failure handler: abort, exit
-    # -6), so a scheduler's SIGTERM would skip the writer's cleanup and the run contract's exit 143: put back
-    # the handler the entry point installed (retrieval_heads.errors.run_cli).
-    if sigterm is not None and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, sigterm)
-    return True
 
 
 @dataclass
@@ -264,7 +244,8 @@ class ActorPool:
                 f"{_first_line(err)}; committed shards are intact, rerun to resume"
             )
         kind = "actor died" if isinstance(err, RayActorError) else "engine error"
-        log.warning("actor %d: %s (%s); re-queueing %d prompts (attempt %d)", slot, kind, _first_line(err), len(ids), task.attempts + 1)
+        log.warning("actor %d: %s (%s); re-queueing %d prompts (attempt %d)", slot, kind, _first_line(err),
+                    len(ids), task.attempts + 1)
         retry.append(task)
         if generation == self._generation[slot]:  # the first failure seen from this actor: replace it once
             ray.kill(self.actors[slot], no_restart=True)

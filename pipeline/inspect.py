@@ -20,7 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.shards import DATA, FORMAT, SCHEMA_VERSION, output_fs, read_manifest, schema_for, shard_problems
+from pipeline.shard_schema import FORMAT, SCHEMA_VERSION, schema_for
+from pipeline.shards import DATA, output_fs, read_manifest, shard_problems
 from retrieval_heads.errors import redact
 
 BASELINE = "normal"  # the chosen side of every pair
@@ -100,9 +101,15 @@ def _load_shard(fs: pafs.FileSystem, root: str, entry: dict, schema: pa.Schema) 
         missing = [f.name for f in schema if f.name not in got]
         wrong = [f"{f.name} is {got[f.name]} not {f.type}" for f in schema if f.name in got and got[f.name] != f.type]
         extra = sorted(set(got) - set(schema.names))
-        detail = "; ".join(x for x in (
-            f"missing columns {missing}" if missing else "", ", ".join(wrong), f"unexpected columns {extra}" if extra else "",
-        ) if x)
+        detail = "; ".join(
+            x
+            for x in (
+                f"missing columns {missing}" if missing else "",
+                ", ".join(wrong),
+                f"unexpected columns {extra}" if extra else "",
+            )
+            if x
+        )
         reasons.append(f"foreign schema ({detail or 'column order or nullability differs'})")
     version = (table.schema.metadata or {}).get(b"retmask.schema_version")
     if version is not None and version != str(SCHEMA_VERSION).encode():
@@ -114,10 +121,14 @@ def _unlisted(fs: pafs.FileSystem, root: str, listed: set[str]) -> list[str]:
     infos = fs.get_file_info(pafs.FileSelector(f"{root}/{DATA}", allow_not_found=True, recursive=True))
     problems = []
     for info in sorted(infos, key=lambda i: i.path):
-        rel = info.path[len(root) + 1:]
+        rel = info.path[len(root) + 1 :]
         if info.type != pafs.FileType.File or rel in listed:
             continue
-        why = "temporary file of an interrupted writer" if info.base_name.startswith(".tmp-") else "not listed in the manifest"
+        why = (
+            "temporary file of an interrupted writer"
+            if info.base_name.startswith(".tmp-")
+            else "not listed in the manifest"
+        )
         problems.append(f"{rel}: {why}; readers ignore it, reopening the run removes it")
     return problems
 
@@ -175,7 +186,9 @@ class _Stats:
 
     def pair_stats(self) -> dict[str, dict]:
         keys = ("identical", "empty", "truncated", "usable")
-        return {v: {k: counts[k] for k in keys} for v, counts in self.pairs.items()} if BASELINE in self.variants else {}
+        return (
+            {v: {k: counts[k] for k in keys} for v, counts in self.pairs.items()} if BASELINE in self.variants else {}
+        )
 
 
 def _ints(column: pa.ChunkedArray) -> np.ndarray:
@@ -192,7 +205,11 @@ def _summary(chunks: list[np.ndarray]) -> dict[str, float] | None:
 
 def _sample(row: dict, variants: list[str], chars: int) -> dict:
     cut = lambda s: s if s is None or len(s) <= chars else s[: chars - 1] + "…"  # noqa: E731
-    return {"prompt_id": row["prompt_id"], "prompt": cut(row["prompt"]), **{v: cut(row[f"{v}__text"]) for v in variants}}
+    return {
+        "prompt_id": row["prompt_id"],
+        "prompt": cut(row["prompt"]),
+        **{v: cut(row[f"{v}__text"]) for v in variants},
+    }
 
 
 def _histograms(stats: _Stats, plots_dir: Path) -> dict[str, str]:

@@ -2,34 +2,26 @@
 
 ``plan(GenerateConfig)`` reads what ``retmask generate`` reads first (config.json, the score file, the prompt
 source, the output manifest) and none of what is expensive: no weights, no engine, no vLLM, no Ray. It
-reports, in order: the shape; every variant's heads, selected by generate's own ``_masks``; the rank that
-gates each head under the configured tensor parallel size (``pipeline.placement``, shared with the engine);
-memory per GPU; the prompt source, streamed with a row cap; and whether the output is new, resumes or is
-refused. Whatever would make generate refuse, or an engine fail to start, is a problem; ``format_plan``
-prints the whole report and the CLI then exits 1.
+reports, in order: the shape; every variant's heads, selected as generate selects them
+(``pipeline.run_config``); the rank that gates each head under the configured tensor parallel size
+(``pipeline.placement``, shared with the engine); memory per GPU; the prompt source, streamed with a row
+cap; and whether the output is new, resumes or is refused. Whatever would make generate refuse, or an
+engine fail to start, is a problem; ``format_plan`` prints the whole report and the CLI then exits 1.
 
-Nothing is written to the output location: a local path's writability is read from the permissions of it or
-its nearest existing parent, an object store is not probed for writing (generate proves it at start by
-writing the manifest), and the resume decision reuses ``pipeline.shards``'s own refusal checks on the
-manifest. Identity parts that cannot be computed here (the weights' hash from a directory holding only
-config.json, the chat template without a tokenizer) are taken as equal and named as not compared.
+Nothing is written to the output location; how its section decides new, resume or refused without writing
+is in ``pipeline.output_check``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-from retrieval_heads.errors import RetmaskError, redact
+from retrieval_heads.errors import RetmaskError
 
-# EngineConfig's defaults for what the memory check reads (pipeline.engine imports vLLM, so plan cannot read
-# them there; tests/pipeline/test_plan.py keeps the two equal).
-ENGINE_DEFAULTS = {"dtype": "auto", "gpu_memory_utilization": 0.85, "max_num_seqs": 64}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 GIB = 2**30
 
@@ -56,9 +48,11 @@ class PlanReport:
         return f"plan found {n} problem{'s' if n > 1 else ''}: " + "; ".join(self.problems)
 
 
-def plan(config, *, gpu_memory_gb: float = 80.0, gpus_per_node: int = 8, max_rows: int | None = 10_000) -> PlanReport:
+def plan(config, *, gpu_memory_gb: float = 80.0, gpus_per_node: int = 8,
+         max_rows: int | None = 10_000) -> PlanReport:
     """Check ``config`` (a ``GenerateConfig``) without weights or an engine; ``max_rows`` None scans every row."""
-    from pipeline.generate import _validate
+    from pipeline.output_check import check_output
+    from pipeline.run_config import check_config
     from retrieval_heads.models import shape_of
 
     if not gpu_memory_gb > 0 or gpus_per_node < 1 or (max_rows is not None and max_rows < 1):
@@ -66,7 +60,7 @@ def plan(config, *, gpu_memory_gb: float = 80.0, gpus_per_node: int = 8, max_row
                            f"{gpu_memory_gb}, {gpus_per_node}, {max_rows}")
     report = PlanReport()
     try:
-        _validate(config)
+        check_config(config)
     except RetmaskError as err:
         report.problem("config", str(err))
     files, hub_record = _model_files(config)
@@ -78,7 +72,7 @@ def plan(config, *, gpu_memory_gb: float = 80.0, gpus_per_node: int = 8, max_row
     _tensor_parallel(report, config, shape, heads, gpus_per_node)
     _memory(report, config, shape, hf_config, text_config, gpu_memory_gb, gpus_per_node)
     tokenizer = _prompts(report, config, files, max_rows)
-    _output(report, config, hf_config, masks, tokenizer, hub_record)
+    check_output(report, config, hf_config, masks, tokenizer, hub_record)
     return report
 
 
@@ -102,15 +96,15 @@ def format_plan(report: PlanReport) -> str:
 
 
 def _model_files(config) -> tuple[str, dict | None]:
-    """Directory holding config.json (and the tokenizer, when there is one); generate's model record for hub ids."""
-    from pipeline.generate import _model
+    """Directory holding config.json (and the tokenizer, when there is one); the model record of a hub id."""
+    from pipeline.run_config import model_record
     from retrieval_heads.models import resolve_model
 
     path = resolve_model(config.model)
     if Path(path).is_dir():
         return path, None
     try:
-        _, record = _model(config)  # config and tokenizer files only, as generate fetches them
+        _, record = model_record(config)  # config and tokenizer files only, as generate fetches them
     except RetmaskError as err:
         reason = " ".join(str(err).split())
         if len(reason) > 240:  # hub errors run to paragraphs; the first words say what failed
@@ -146,8 +140,7 @@ def _shape(report, config, shape, hf_config, text_config, files) -> bool:
     group = f"GQA {shape.num_heads // shape.num_kv_heads}:1" if shape.num_kv_heads < shape.num_heads else "MHA"
     report.add(s, f"{shape.num_layers} layers x {shape.num_heads} query heads = {shape.num_heads_total} heads; "
                   f"{shape.num_kv_heads} KV heads ({group}); head_dim {shape.head_dim}")
-    engine_dtype = config.engine.get("dtype", ENGINE_DEFAULTS["dtype"])
-    report.add(s, f"dtype: checkpoint {checkpoint_dtype(hf_config)}, engine {engine_dtype}")
+    report.add(s, f"dtype: checkpoint {checkpoint_dtype(hf_config)}, engine {config.engine.dtype}")
     report.add(s, f"max_position_embeddings {shape.max_position_embeddings}; "
                   f"this run's max_model_len {config.max_model_len}")
     layer_types = getattr(text_config, "layer_types", None) or []
@@ -175,14 +168,14 @@ def _shape(report, config, shape, hf_config, text_config, files) -> bool:
 
 
 def _variants(report, config, shape, scores_ok: bool) -> tuple[dict | None, dict | None]:
-    from pipeline.generate import _masks
+    from pipeline.run_config import variant_masks
 
     s = "variants"
     if not scores_ok:
         report.add(s, "not computed: the score file does not fit this model (see shape)")
         return None, None
     try:
-        heads, record = _masks(config, shape)  # exactly the heads generate will gate
+        heads, record = variant_masks(config, shape)  # exactly the heads generate will gate
     except RetmaskError as err:
         report.problem(s, str(err))
         return None, None
@@ -197,7 +190,8 @@ def _variants(report, config, shape, scores_ok: bool) -> tuple[dict | None, dict
             how = f"the {rule['k']} best heads by mean score"
         else:
             how = f"{rule['k']} random heads outside {rule['exclude']}, seed {rule['seed']}"
-        report.add(s, f"{variant}: {how} -> {len(hs)} heads (mask {record[variant]['id']}): {record[variant]['heads']}")
+        mask = record[variant]
+        report.add(s, f"{variant}: {how} -> {len(hs)} heads (mask {mask['id']}): {mask['heads']}")
     report.values["heads"] = heads
     return heads, record
 
@@ -224,7 +218,7 @@ def _tensor_parallel(report, config, shape, heads: dict | None, gpus_per_node: i
             continue
         for rank in range(tp):
             mine = local_heads(hs, shape, tp, rank)
-            held = " ".join(f"{layer}:{','.join(map(str, sorted(locals_)))}" for layer, locals_ in sorted(mine.items()))
+            held = " ".join(f"{layer}:{','.join(map(str, sorted(on_rank)))}" for layer, on_rank in sorted(mine.items()))
             count = sum(len(v) for v in mine.values())
             report.add(s, f"{variant}, rank {rank} gates {count} local heads (layer:local index) {held or '-'}")
 
@@ -233,8 +227,8 @@ def _memory(report, config, shape, hf_config, text_config, gpu_memory_gb, gpus_p
     from pipeline.placement import dtype_bytes, kv_bytes_for_one_request, kv_bytes_per_token, parameter_count
 
     s, tp = "memory per engine", max(1, config.tensor_parallel_size)
-    engine = {**ENGINE_DEFAULTS, **config.engine}
-    dtype, value_bytes = engine["dtype"], dtype_bytes(engine["dtype"], hf_config)
+    engine = config.engine
+    dtype, value_bytes = engine.dtype, dtype_bytes(engine.dtype, hf_config)
     try:
         params = parameter_count(text_config)
     except AttributeError as err:
@@ -248,7 +242,7 @@ def _memory(report, config, shape, hf_config, text_config, gpu_memory_gb, gpus_p
                   f"{_gib(weights)} in {dtype}{'' if dtype != 'auto' else ' (the checkpoint dtype)'}, "
                   f"{_gib(per_gpu_weights)} per GPU at TP {tp}")
     per_token = kv_bytes_per_token(shape, tp, value_bytes)
-    seqs, length = engine["max_num_seqs"], config.max_model_len
+    seqs, length = engine.max_num_seqs, config.max_model_len
     full = seqs * length * per_token
     report.add(s, f"KV cache {per_token / 2**10:.0f} KiB per token per GPU; max_num_seqs {seqs} x max_model_len "
                   f"{length} = {seqs * length:,} tokens need {_gib(full)} per GPU")
@@ -257,15 +251,15 @@ def _memory(report, config, shape, hf_config, text_config, gpu_memory_gb, gpus_p
         report.add(s, "(an upper bound: sliding-window layers are counted at full length)")
     one = kv_bytes_for_one_request(shape, tp, value_bytes, length)
     total = gpu_memory_gb * GIB
-    if engine.get("kv_cache_memory_bytes"):
-        kv_space = int(engine["kv_cache_memory_bytes"])
+    if engine.kv_cache_memory_bytes:
+        kv_space = int(engine.kv_cache_memory_bytes)
         report.add(s, f"KV cache fixed by kv_cache_memory_bytes: {_gib(kv_space)}; GPU {gpu_memory_gb:g} GiB")
         if per_gpu_weights + kv_space > total:
             report.problem(s, f"weights ({_gib(per_gpu_weights)}) and kv_cache_memory_bytes ({_gib(kv_space)}) "
                               f"exceed a {gpu_memory_gb:g} GiB GPU; lower kv_cache_memory_bytes or raise "
                               "tensor_parallel_size")
     else:
-        util = float(engine["gpu_memory_utilization"])
+        util = float(engine.gpu_memory_utilization)
         budget = util * total
         kv_space = budget - per_gpu_weights
         report.add(s, f"budget gpu_memory_utilization {util:g} x {gpu_memory_gb:g} GiB = {_gib(budget)} per GPU; "
@@ -291,8 +285,8 @@ def _memory(report, config, shape, hf_config, text_config, gpu_memory_gb, gpus_p
 
 def _prompts(report, config, files: str, max_rows: int | None):
     """Stream the source as generate would (token-length check included when a tokenizer is here)."""
-    from pipeline.generate import _token_counter, _tokenizer
     from pipeline.prompts import load_prompts, token_limit
+    from pipeline.run_config import chat_tokenizer, token_counter
 
     s = "prompt source"
     where = config.prompts or "(packaged)"
@@ -302,18 +296,19 @@ def _prompts(report, config, files: str, max_rows: int | None):
     limit = config.max_model_len - config.sampling.max_tokens
     if any((Path(files) / name).is_file() for name in TOKENIZER_FILES):
         try:
-            tokenizer = _tokenizer(files, config.model)
+            tokenizer = chat_tokenizer(files, config.model)
         except RetmaskError as err:
             report.problem(s, str(err))
         else:
-            checks = [token_limit(_token_counter(tokenizer, config.chat_template_kwargs), limit)]
+            checks = [token_limit(token_counter(tokenizer, config.chat_template_kwargs), limit)]
             report.add(s, f"prompts longer than {limit} tokens (max_model_len - max_tokens, after the chat template) "
                           "are rejected")
     if not checks:
         report.add(s, f"no tokenizer in {files}: the token-length check (<= {limit} tokens) was skipped")
     quiet = logging.getLogger("pipeline.prompts")
     level = quiet.level
-    quiet.setLevel(logging.ERROR)  # the reject counts are in the report; the stream's own warning would repeat them
+    # the reject counts are in the report; the stream's own warning would repeat them
+    quiet.setLevel(logging.ERROR)
     try:
         batch = 256 if max_rows is None else min(256, max_rows)  # the stream hands over a batch at a time
         stream = load_prompts(config.prompts_source, config.prompts, batch_size=batch, checks=checks,
@@ -340,102 +335,3 @@ def _prompts(report, config, files: str, max_rows: int | None):
         report.problem(s, f"no usable prompt in {read:,} rows of {where}; fix the source or prompt_options "
                           "(text_field, id_field)")
     return tokenizer
-
-
-def _output(report, config, hf_config, masks: dict | None, tokenizer, hub_record: dict | None) -> None:
-    from pipeline import shards
-
-    s, out = "output location", redact(config.out)
-    local = "://" not in str(config.out)
-    try:
-        fs, root = shards.output_fs(config.out)
-    except RetmaskError as err:
-        if local:
-            report.problem(s, str(err))
-        else:  # this machine may simply not reach the store the cluster writes to
-            report.add(s, f"not checked from here: {err}")
-        return
-    if local:
-        writable = _local_writable(report, s, Path(root))
-        if not writable:
-            return
-    else:
-        report.add(s, f"{out}: object store; writing not probed (generate proves it at start by writing the manifest)")
-    try:
-        manifest = shards._read_manifest(fs, root)
-        if manifest is None:
-            leftovers = {i.base_name for i in fs.get_file_info(shards.pafs.FileSelector(root, allow_not_found=True))}
-            leftovers = (leftovers - {shards.DATA}) | set(shards._listing(fs, root))
-            if any(not n.startswith(".tmp-") for n in leftovers):
-                report.problem(s, f"refused: {out} already holds files but no {shards.MANIFEST}; use an empty or "
-                                  "new output directory")
-            else:
-                report.add(s, "new: generate will start this run there")
-                report.values["output"] = "new"
-            return
-    except (OSError, RetmaskError) as err:
-        if local:
-            report.problem(s, f"cannot read {out} ({' '.join(str(err).split())})")
-        else:
-            report.add(s, f"resume: not checked (cannot read {out} from here: {' '.join(str(err).split())[:200]})")
-        return
-    _resume(report, s, out, config, manifest, hf_config, masks, tokenizer, hub_record)
-
-
-def _local_writable(report, s: str, root: Path) -> bool:
-    """Writable judged from permissions alone: the directory, or the nearest existing parent it would be made in."""
-    probe = root
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        report.problem(s, f"not writable: {probe} is a file, so {root} cannot be made; pick a directory path")
-        return False
-    if not os.access(probe, os.W_OK | os.X_OK):
-        report.problem(s, f"not writable: no write permission on {probe}; pick a writable location")
-        return False
-    report.add(s, f"{root}: writable ({'exists' if probe == root else f'will be made in {probe}'})")
-    return True
-
-
-def _resume(report, s, out, config, manifest, hf_config, masks, tokenizer, hub_record) -> None:
-    from pipeline import shards
-    from pipeline.generate import _model, _run_config
-
-    try:
-        shards.check_manifest(manifest, f"{out}/{shards.MANIFEST}")
-    except RetmaskError as err:
-        report.problem(s, f"refused: {err}")
-        return
-    committed = sum(e["rows"] for e in manifest["shards"])
-    if masks is None:
-        report.add(s, f"holds {committed:,} committed prompts; resume not checked (the masks are unknown: see above)")
-        return
-    record = hub_record or _model(config)[1]
-    skipped = []
-    old = manifest["run_config"]
-    if not (hub_record or _has_weights(record["path"])):
-        record = {**record, "hash": shards._lookup(old, "model.hash")}  # a config.json-only directory: no weights
-        skipped.append("model.hash (no weights here)")
-    run_config = shards._normalized(_run_config(config, record, masks, hf_config,
-                                                tokenizer or SimpleNamespace(chat_template=None)))
-    if tokenizer is None:
-        run_config["chat_template"] = old.get("chat_template")
-        skipped.append("chat_template (no tokenizer here)")
-    try:
-        shards._check_same_run(out, manifest, run_config, list(config.variants))
-        shards._check_lease(out, manifest.get("writer"))
-    except RetmaskError as err:
-        report.problem(s, f"refused: {err}")
-        return
-    report.values["output"] = f"resumes {committed}"
-    report.add(s, f"resumes {committed:,} committed prompts ({len(manifest['shards'])} shards; the manifest's count, "
-                  "every shard is verified when generate resumes)")
-    if skipped:
-        report.add(s, f"not compared: {', '.join(skipped)}")
-
-
-def _has_weights(path: str) -> bool:
-    from pipeline.provenance import _WEIGHT_SUFFIXES
-
-    return any(p.name.endswith(_WEIGHT_SUFFIXES) for p in Path(path).iterdir() if p.is_file())
-

@@ -35,6 +35,11 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _CACHE = "file_hashes.json"
 
 
+def weight_files(path: str | Path) -> list[Path]:
+    """The weight files directly in a model directory (what ``hash_model_dir`` hashes), sorted."""
+    return sorted(x for x in Path(path).iterdir() if x.is_file() and x.name.endswith(_WEIGHT_SUFFIXES))
+
+
 def hash_model_dir(path: str | Path) -> str:
     """Content id of a local model directory: ``sha256:`` over config/tokenizer files and the weights' bytes.
 
@@ -50,7 +55,7 @@ def hash_model_dir(path: str | Path) -> str:
         if (p / name).is_file():
             h.update(f"{name}\0".encode() + (p / name).read_bytes() + b"\0")
             found = True
-    weights = sorted(x for x in p.iterdir() if x.is_file() and x.name.endswith(_WEIGHT_SUFFIXES))
+    weights = weight_files(p)
     if weights:
         cache = _read_cache()
         known = len(cache)
@@ -110,6 +115,8 @@ def dataset_card(manifest: dict, out: str, schema: pa.Schema) -> str:
         f"| `{f.name}` | {f.type} | {_COLUMN_HELP.get(f.name.split('__')[-1] if '__' in f.name else f.name, '')} |"
         for f in schema
     )
+    rows = f"{manifest['num_rows']} in {len(manifest['shards'])} shards at the last checkpoint " \
+        f"(schema version {manifest['schema_version']})"
     return f"""---
 configs:
 - config_name: default
@@ -125,7 +132,7 @@ variants are the same model with attention heads masked (output zeroed at every 
 rejected = a masked variant. No rows were filtered: drop identical, empty or truncated pairs when
 reading.
 
-- rows: {manifest["num_rows"]} in {len(manifest["shards"])} shards at the last checkpoint (schema version {manifest["schema_version"]})
+- rows: {rows}
 - model: {model.get("id", "?")} (`{model.get("hash", "?")}`)
 - masks: `{json.dumps(cfg.get("masks"), sort_keys=True)}`
 - sampling: `{json.dumps(cfg.get("sampling"), sort_keys=True)}`, seed {cfg.get("seed")}

@@ -11,38 +11,40 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from retrieval_heads.config import opt
 from retrieval_heads.detect import eos_ids, load_model, rouge1_recall
-from retrieval_heads.masking import HeadMask, masked
+from retrieval_heads.masking import HeadMask, masked, select_mask
 from retrieval_heads.models import EMBEDDED_ALIAS, shape_of
 from retrieval_heads.niah import NIAHGrid, NIAHPrompt, build_prompt, builtin_needles, check_fits
-from retrieval_heads.scores import HeadScores, select_heads
+from retrieval_heads.scores import HeadScores
 
 
 @dataclass
 class AblationConfig:
-    """Settings of an ablation check (written next to its outputs)."""
+    """Settings of an ablation check (written next to its outputs); ``jobs/configs/ablate.yaml`` maps 1:1."""
 
-    model: str = EMBEDDED_ALIAS
-    scores: str = "runs/detect/head_scores.json"
-    k: int = 5
-    seeds: tuple[int, ...] = (0, 1, 2)
-    lengths: tuple[int, ...] = (1000, 2000)
-    depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
-    num_needles: int = 2
-    max_new_tokens: int = 32
-    batch_size: int = 8  # prompts decoded together (left-padded): decode steps cost about the same for 1 or 8
-    rouge_threshold: float = 0.5
-    dtype: str = "float32"
-    device: str = "cpu"
+    model: str = opt(EMBEDDED_ALIAS, "alias, local checkpoint or hub id")
+    scores: str = opt("runs/detect/head_scores.json", "head score file (Wu JSON) detected on this model")
+    k: int = opt(5, "heads masked per condition: the top-k retrieval heads, or k random non-retrieval heads")
+    seeds: tuple[int, ...] = opt((0, 1, 2), "seeds of the random-head controls (one condition each)")
+    lengths: tuple[int, ...] = opt((1000, 2000), "context lengths in tokens")
+    depths: tuple[float, ...] = opt((0.1, 0.3, 0.5, 0.7, 0.9), "needle depths, 0 = start, 1 = end")
+    num_needles: int = opt(2, "number of built-in needles per length x depth")
+    max_new_tokens: int = opt(32, "tokens decoded per prompt")
+    batch_size: int = opt(8, "prompts decoded together (left-padded): a decode step costs about the same for 1 or 8")
+    rouge_threshold: float = opt(0.5, "a prompt is answered if ROUGE-1 recall of the answer exceeds this")
+    dtype: str = opt("float32", "float32 or bfloat16 (the checkpoint's dtype: faster prefill on CPU)")
+    device: str = opt("cpu", "torch device: cpu or cuda")
 
 
 def conditions(scores: HeadScores, shape, config: AblationConfig) -> dict[str, HeadMask]:
     """none, top-K retrieval heads, and K random non-retrieval heads per seed."""
-    top = select_heads(scores, "top_k", k=config.k)
-    out = {"none": HeadMask.for_shape([], shape), f"retrieval_top{config.k}": HeadMask.for_shape(top, shape)}
+    top = select_mask(scores, "top_k", shape, k=config.k)
+    out = {"none": HeadMask.for_shape([], shape), f"retrieval_top{config.k}": top}
     for seed in config.seeds:
-        heads = select_heads(scores, "random_nonretrieval", k=config.k, seed=seed, exclude=top)
-        out[f"random{config.k}_seed{seed}"] = HeadMask.for_shape(heads, shape)
+        out[f"random{config.k}_seed{seed}"] = select_mask(
+            scores, "random_nonretrieval", shape, k=config.k, seed=seed, exclude=list(top.heads)
+        )
     return out
 
 
@@ -55,7 +57,9 @@ def grid_prompts(tokenizer, grid: NIAHGrid, config: AblationConfig, max_context:
     return prompts
 
 
-def niah_accuracy(model, tokenizer, mask: HeadMask, prompts: list[NIAHPrompt], config: AblationConfig) -> tuple[float, list[dict]]:
+def niah_accuracy(
+    model, tokenizer, mask: HeadMask, prompts: list[NIAHPrompt], config: AblationConfig
+) -> tuple[float, list[dict]]:
     """Share of prompts answered (ROUGE-1 recall > threshold) with ``mask`` applied.
 
     Greedy, in left-padded batches of ``config.batch_size`` prompts of similar length; rows come back in
@@ -78,16 +82,28 @@ def niah_accuracy(model, tokenizer, mask: HeadMask, prompts: list[NIAHPrompt], c
                 n = len(prompts[i].input_ids)
                 ids[row, width - n :] = torch.tensor(prompts[i].input_ids)
                 attention[row, width - n :] = 1
-            out = model.generate(ids.to(model.device), attention_mask=attention.to(model.device),
-                                 max_new_tokens=config.max_new_tokens, do_sample=False, eos_token_id=stop,
-                                 pad_token_id=stop[0])
+            out = model.generate(
+                ids.to(model.device),
+                attention_mask=attention.to(model.device),
+                max_new_tokens=config.max_new_tokens,
+                do_sample=False,
+                eos_token_id=stop,
+                pad_token_id=stop[0],
+            )
             for row, i in enumerate(batch):
                 responses[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True)
     rows = []
     for i, prompt in enumerate(prompts):
         recall = rouge1_recall(responses[i], prompt.needle.answer)
-        rows.append({"length": prompt.length, "depth": prompt.depth, "needle": needles.index(prompt.needle),
-                     "recall": recall, "response": responses[i]})
+        rows.append(
+            {
+                "length": prompt.length,
+                "depth": prompt.depth,
+                "needle": needles.index(prompt.needle),
+                "recall": recall,
+                "response": responses[i],
+            }
+        )
     accuracy = sum(r["recall"] > config.rouge_threshold for r in rows) / len(rows)
     return accuracy, rows
 
@@ -110,17 +126,36 @@ def run_ablation(config: AblationConfig, out_dir: str | Path) -> list[dict]:
     for name, mask in tqdm(conditions(scores, shape, config).items(), desc="ablate", unit="condition"):
         accuracy, rows = niah_accuracy(model, tokenizer, mask, prompts, config)
         n = len(rows)
-        table.append({"condition": name, "heads": mask.spec(), "accuracy": accuracy,
-                      "stderr": math.sqrt(accuracy * (1 - accuracy) / n), "n": n})
+        table.append(
+            {
+                "condition": name,
+                "heads": mask.spec(),
+                "accuracy": accuracy,
+                "stderr": math.sqrt(accuracy * (1 - accuracy) / n),
+                "n": n,
+            }
+        )
         details[name] = rows
     randoms = [r["accuracy"] for r in table if r["condition"].startswith("random")]
     if randoms:
         mean = sum(randoms) / len(randoms)
-        table.append({"condition": f"random{config.k}_mean", "heads": "", "accuracy": mean,
-                      "stderr": math.sqrt(mean * (1 - mean) / (len(randoms) * len(rows))), "n": len(randoms) * len(rows)})
-    (out / "ablation.json").write_text(json.dumps({"config": asdict(config), "table": table, "trials": details}, indent=2) + "\n")
+        table.append(
+            {
+                "condition": f"random{config.k}_mean",
+                "heads": "",
+                "accuracy": mean,
+                "stderr": math.sqrt(mean * (1 - mean) / (len(randoms) * len(rows))),
+                "n": len(randoms) * len(rows),
+            }
+        )
+    (out / "ablation.json").write_text(
+        json.dumps({"config": asdict(config), "table": table, "trials": details}, indent=2) + "\n"
+    )
     lines = ["| condition | heads masked | NIAH accuracy | n |", "|---|---|---|---|"]
-    lines += [f"| {r['condition']} | {r['heads'] or '-'} | {r['accuracy']:.2f} ± {r['stderr']:.2f} | {r['n']} |" for r in table]
+    lines += [
+        f"| {r['condition']} | {r['heads'] or '-'} | {r['accuracy']:.2f} ± {r['stderr']:.2f} | {r['n']} |"
+        for r in table
+    ]
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
     plot_ablation(table, out / "ablation.png", title=f"NIAH accuracy, {config.model}, lengths {list(config.lengths)}")
     return table

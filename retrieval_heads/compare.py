@@ -178,7 +178,9 @@ def plot_compare(files: list[HeadScores], path: str | Path, labels: list[str] | 
     Circles mark each file's own top-k heads; crosses mark the first file's top-k on the others, so a circle
     with a cross is a head both agree on.
     """
-    from retrieval_heads.plots import head_grid, plt
+    import matplotlib.pyplot as plt
+
+    from retrieval_heads.plots import head_grid  # selects the Agg backend (pyplot switches to it)
 
     for other in files[1:]:
         _check_same_heads(files[0], other)

@@ -141,8 +141,9 @@ def _shown(value: Any) -> str:
     return "None" if value is None else str(value)
 
 
-def cli_options(cls: type, fields: Iterable[str] | None = None, *, flags: Mapping[str, str] | None = None,
-                exclude: Iterable[str] = ()) -> Callable:
+def cli_options(cls: type, fields: Iterable[str] | None = None, *, also: Iterable[str] = (),
+                flags: Mapping[str, str] | None = None, exclude: Iterable[str] = (),
+                required: Iterable[str] = ()) -> Callable:
     """Decorator adding a typer option per field of ``cls``; the command receives them as ``overrides``.
 
     Each option is named after its field (``max_new_tokens`` -> ``--max-new-tokens``; ``flags`` renames one,
@@ -150,13 +151,16 @@ def cli_options(cls: type, fields: Iterable[str] | None = None, *, flags: Mappin
     default from the dataclass. Its real default is ``None`` ("not given"), so the YAML of ``--config`` and
     then the dataclass decide; the decorated function gets ``overrides={field: value}`` of the given ones,
     nested (``{"sampling": {"max_tokens": 16}}``) for dotted names. Lists are comma-separated, dicts JSON.
+    ``fields`` defaults to every field that is not a nested dataclass; ``also`` adds dotted nested ones;
+    ``required`` fields have no default on the command line (the command cannot guess them).
     """
     import typer
 
     flags = dict(flags or {})
     names = list(fields) if fields is not None else [
         f.name for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(typing.get_type_hints(cls)[f.name])]
-    names = [n for n in names if n not in set(exclude)]
+    names = [n for n in [*names, *also] if n not in set(exclude)]
+    required = set(required)
 
     def decorate(command: Callable) -> Callable:
         own = inspect.signature(command)
@@ -175,16 +179,19 @@ def cli_options(cls: type, fields: Iterable[str] | None = None, *, flags: Mappin
             text = f.metadata.get("help", "")
             if kind is str and hint is not str and _cli_type(hint) is str:
                 text += " (comma-separated)" if "list" in str(hint) or "tuple" in str(hint) else " (JSON)"
-            option = typer.Option(None, *decl.split(" "), help=text, show_default=_shown(default_of(cls, name)))
+            if name in required:
+                option = typer.Option(..., *decl.split(" "), help=text)
+            else:
+                option = typer.Option(None, *decl.split(" "), help=text, show_default=_shown(default_of(cls, name)))
             params.append(inspect.Parameter(param, inspect.Parameter.KEYWORD_ONLY, default=option,
                                             annotation=typing.Optional[kind]))
             derived[param] = (name, hint)
 
         @functools.wraps(command)
         def run(**kwargs: Any) -> Any:
-            overrides: dict[str, Any] = {}
+            overrides: dict[str, Any] = dict(kwargs.pop("overrides", None) or {})  # from a decorator above
             for param, (name, hint) in derived.items():
-                value = kwargs.pop(param)
+                value = kwargs.pop(param, None)
                 if value is None:
                     continue
                 if isinstance(value, str) and _is_mapping(hint):
@@ -200,6 +207,8 @@ def cli_options(cls: type, fields: Iterable[str] | None = None, *, flags: Mappin
         run.__annotations__ = {p.name: p.annotation for p in params}
         del run.__wrapped__  # typer must see the derived signature, not the command's own
         run.derived_options = derived  # for the test that checks CLI and dataclass agree
+        run.config_class = cls
+        run.inner = command  # decorators stack (``retmask plan`` takes two configs' options)
         return run
 
     return decorate

@@ -4,8 +4,8 @@ PyYAML follows YAML 1.1, whose float pattern needs a dot: ``learning_rate: 1e-5`
 ``"1e-5"`` (``1.0e-5`` is a float), and a value written in quotes is a string too. Refusing those would
 punish the most natural spelling of a learning rate, so a string that is unambiguously a decimal number is
 converted for a numeric field; anything else of the wrong type is refused in one line naming the field, the
-type it needs and the file. CLI overrides (``--set learning_rate=1e-5``) arrive as strings and follow the
-same rules.
+type it needs and the file. Overrides that arrive as strings (a comma-separated ``--lora-target-modules``)
+follow the same rules.
 
     float   an int, or a decimal-number string ("1e-5", "0.5", "3"); finite only (NaN/inf are no setting)
     int     a decimal-integer string ("16"), or a number with no fraction (16.0, "1e3"); never a bool

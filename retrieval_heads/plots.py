@@ -21,7 +21,8 @@ def head_grid(scores: HeadScores, num_layers: int, num_heads: int) -> np.ndarray
     return grid
 
 
-def plot_head_heatmap(scores: HeadScores, num_layers: int, num_heads: int, path: str | Path, title: str = "Retrieval scores") -> Path:
+def plot_head_heatmap(scores: HeadScores, num_layers: int, num_heads: int, path: str | Path,
+                      title: str = "Retrieval scores") -> Path:
     """Layers x heads heatmap of mean retrieval scores."""
     grid = head_grid(scores, num_layers, num_heads)
     fig, ax = plt.subplots(figsize=(max(4, num_heads * 0.5 + 2), max(4, num_layers * 0.22 + 1.5)))
@@ -43,7 +44,8 @@ def plot_ablation(rows: list[dict], path: str | Path, title: str = "NIAH accurac
     names = [r["condition"] for r in rows]
     values = [r["accuracy"] for r in rows]
     errors = [r.get("stderr", 0.0) for r in rows]
-    ax.bar(names, values, yerr=errors, color=["#4c72b0" if "retrieval" not in n else "#c44e52" for n in names], capsize=3)
+    colors = ["#4c72b0" if "retrieval" not in n else "#c44e52" for n in names]
+    ax.bar(names, values, yerr=errors, color=colors, capsize=3)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("NIAH accuracy (ROUGE-1 recall > 0.5)")
     ax.set_title(title, fontsize=9)

@@ -33,9 +33,11 @@ class HeadScores:
         try:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
-            raise RetmaskError(f"score file {path} does not exist; run `retmask detect` first or fix the path") from None
+            raise RetmaskError(f"score file {path} does not exist; run `retmask detect` first or fix the "
+                               "path") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise RetmaskError(f"score file {path} is not readable JSON ({err}); regenerate it with `retmask detect`") from None
+            raise RetmaskError(f"score file {path} is not readable JSON ({err}); regenerate it with "
+                               "`retmask detect`") from None
         if not isinstance(raw, dict) or not raw:
             raise RetmaskError(f"score file {path} is empty; expected {{\"layer-head\": [scores]}}")
         trials: dict[Head, list[float]] = {}
@@ -192,7 +194,8 @@ def select_top_k(scores: HeadScores, k: int = 5, **_) -> list[Head]:
 
 
 @_selector("random_nonretrieval")
-def select_random_nonretrieval(scores: HeadScores, k: int = 5, seed: int = 0, exclude: list[Head] | None = None, **_) -> list[Head]:
+def select_random_nonretrieval(scores: HeadScores, k: int = 5, seed: int = 0, exclude: list[Head] | None = None,
+                               **_) -> list[Head]:
     """k random heads outside ``exclude`` (default: the top-k retrieval heads), seeded."""
     _check_k(scores, k)
     excluded = set(exclude if exclude is not None else select_top_k(scores, k=k))

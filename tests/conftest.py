@@ -1,9 +1,11 @@
 """Shared fixtures: the embedded model (built once per machine), tiny checkpoints of the paper's model families, and a
-tiny random Llama."""
+tiny random Llama. The helpers behind them live in tests/support.py."""
 
 import os
 
 import pytest
+
+pytest.register_assert_rewrite("support")  # its assertions report like a test's own
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +33,8 @@ def family_checkpoint(embedded_model_path, tmp_path_factory):
 
 @pytest.fixture
 def tiny_model():
-    from retrieval_heads.models import tiny_llama
+    """A 2-layer random Llama (4 query heads, 2 KV heads of 8), built in-process."""
+    from support import tiny_llama
 
     return tiny_llama()
 

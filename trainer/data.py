@@ -78,8 +78,9 @@ def load_pairs(
     """Read the manifest-listed shards of ``shards_dir`` as filtered chosen/rejected pairs.
 
     ``max_length`` (the trainer's prompt+response token limit) removes nothing: pairs that exceed it are
-    only counted (``stats["over_max_length"]``), because TRL truncates them silently (pitfall 7), and
-    ``stats["prompt_over_max_length"]`` counts those whose prompt alone fills it, which TRL drops.
+    only counted (``stats["over_max_length"]``), because TRL truncates them silently (docs/METHOD.md
+    pitfall 7), and ``stats["prompt_over_max_length"]`` counts those whose prompt alone fills it, which TRL
+    drops.
     """
     if not 0.0 <= eval_fraction < 1.0:
         raise RetmaskError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
@@ -105,7 +106,8 @@ def load_pairs(
             f"all {len(kept)} pairs in {shards_dir} fell into the eval split (eval_fraction {eval_fraction}); lower it"
         )
     if eval_fraction > 0 and not eval_rows:
-        log.warning("no pair of %d fell into the eval split (eval_fraction %s); training without eval", len(kept), eval_fraction)
+        log.warning("no pair of %d fell into the eval split (eval_fraction %s); training without eval", len(kept),
+                    eval_fraction)
     stats.update(train=len(train_rows), eval=len(eval_rows), eval_fraction=eval_fraction)
     log.info("pairs from %s: %d rows, %d kept (%d train, %d eval); removed %s",
              shards_dir, len(rows), len(kept), len(train_rows), len(eval_rows), removed)
@@ -145,7 +147,8 @@ def read_pair_table(shards_dir: str | Path, chosen: str, rejected: str) -> tuple
             raise RetmaskError(f"shard {path} is unreadable ({err}); run `retmask inspect` on {shards_dir}") from None
         absent = [c for c in columns if c not in names]
         if absent:
-            raise RetmaskError(f"shard {path} lacks columns {absent}; it does not follow the pair schema (run `retmask inspect`)")
+            raise RetmaskError(f"shard {path} lacks columns {absent}; it does not follow the pair schema "
+                               "(run `retmask inspect`)")
     return read_pairs_table(shards_dir, columns=columns), manifest
 
 

@@ -18,22 +18,20 @@ At step 0 the policy is the reference, so the held-out DPO loss is ln 2 and rewa
 counts the ties as wrong); both move once training starts. A LoRA run saves the adapter in ``final/``
 (``from_pretrained`` loads it with its base model when peft is installed).
 
-Single process: ``retmask train --pairs DIR --preset demo``. Several GPUs on one node, with the shipped
-DeepSpeed configs (ZeRO-1 as RetMask used for Llama/Olmo, ZeRO-2 for Qwen; needs ``pip install
-deepspeed``, unverified here)::
+The command is ``retmask train`` (``jobs/train.py``): ``retmask train --pairs DIR --preset demo`` in one
+process. Several GPUs on one node, with the shipped DeepSpeed configs (ZeRO-1 as RetMask used for
+Llama/Olmo, ZeRO-2 for Qwen; needs ``pip install deepspeed``, unverified here)::
 
     accelerate launch --config_file jobs/configs/accelerate/zero1.yaml --num_processes 4 \\
-        -m trainer.dpo --config jobs/configs/train_paper.yaml --pairs runs/llama/pairs --out runs/llama/dpo
+        -m jobs.train --config jobs/configs/train_paper.yaml --pairs runs/llama/pairs --out runs/llama/dpo
 
 Gradient accumulation follows the world size, so 512 pairs per optimizer step holds on 1, 4 or 8 GPUs.
-On a Ray cluster, next to generation, use ``trainer.ray_train`` (``ray job submit -- python -m
-trainer.ray_train ...``).
+On a Ray cluster, next to generation, ``retmask train --workers N`` runs it on Ray Train
+(``trainer.ray_train``).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -42,7 +40,7 @@ import shutil
 from pathlib import Path
 
 from pipeline.shards import read_manifest
-from retrieval_heads.errors import RetmaskError, run_cli
+from retrieval_heads.errors import RetmaskError
 from trainer.config import TrainConfig
 from trainer.data import load_pairs
 
@@ -96,7 +94,8 @@ def train(config: TrainConfig, callbacks: list | None = None) -> Path:
     provenance = check_policy(config, read_manifest(config.pairs), model_path)  # before any data or weights load
     pairs = load_pairs(
         config.pairs, config.chosen, config.rejected, drop_truncated=config.drop_truncated,
-        max_response_tokens=config.max_response_tokens, eval_fraction=config.eval_fraction, max_length=config.max_length,
+        max_response_tokens=config.max_response_tokens, eval_fraction=config.eval_fraction,
+        max_length=config.max_length,
     )
     if resume is not None:
         _check_same_inputs(out, config, pairs.stats, provenance)
@@ -292,46 +291,3 @@ def _write(path: Path, text: str) -> None:
     tmp.write_text(text)
     tmp.replace(path)  # a crash mid-write never leaves a half file behind
 
-
-def build_parser(description: str) -> argparse.ArgumentParser:
-    """Options shared by ``python -m trainer.dpo`` and ``python -m trainer.ray_train``."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", help="train YAML (jobs/configs/train_*.yaml)")
-    parser.add_argument("--preset", help="paper or demo (when no --config; default demo)")
-    parser.add_argument("--pairs")
-    parser.add_argument("--model")
-    parser.add_argument("--out", dest="output_dir")
-    parser.add_argument("--allow-off-policy", action="store_true", default=None,
-                        help=TrainConfig.__dataclass_fields__["allow_off_policy"].metadata["help"])
-    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="any other TrainConfig field")
-    return parser
-
-
-def config_from_args(ns: argparse.Namespace) -> TrainConfig:
-    """The config named by parsed ``build_parser`` options (RetmaskError on bad fields)."""
-    overrides = {k: getattr(ns, k) for k in ("pairs", "model", "output_dir", "allow_off_policy")}
-    nulls = {}  # from_preset/from_yaml skip None overrides (unset flags), so explicit nulls go on afterwards
-    for item in ns.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise RetmaskError(f"--set expects FIELD=VALUE, got {item!r}")
-        (nulls if value.lower() in ("none", "null") else overrides)[key] = value
-    if ns.config:
-        config = TrainConfig.from_yaml(ns.config, preset=ns.preset, **overrides)
-    else:
-        config = TrainConfig.from_preset(ns.preset or "demo", **overrides)
-    if nulls:
-        TrainConfig._check_keys(nulls, "--set")
-        config = dataclasses.replace(config, **dict.fromkeys(nulls))
-    return config
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m trainer.dpo``: the entry point for ``accelerate launch`` / ``torchrun``."""
-    ns = build_parser(main.__doc__).parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    print(train(config_from_args(ns)))
-
-
-if __name__ == "__main__":
-    run_cli(main)  # the run contract: one-line user errors (exit 1), usage 2, Ctrl-C 130, SIGTERM 143

@@ -4,9 +4,9 @@ Each worker is one data-parallel rank (gloo on CPU, NCCL on GPU); Ray sets ``RAN
 gradient accumulation keeps ``pairs_per_step`` pairs per optimizer step. Rank 0 reports the final model
 as a Ray checkpoint, persisted under ``storage_path`` (default ``<output_dir>/ray``; an ``s3://`` URI on a
 multi-node cluster). Resuming from ``checkpoint-*`` needs ``output_dir`` on storage every node shares.
-Submitted next to generation::
+The command is ``retmask train --workers N`` (``jobs/train.py``), e.g. as a Ray job next to generation::
 
-    ray job submit --working-dir . -- python -m trainer.ray_train --workers 4 --gpu \\
+    ray job submit --working-dir . -- python -m jobs.train --workers 4 --gpu \\
         --config jobs/configs/train_paper.yaml --pairs /shared/pairs --out /shared/dpo
 """
 
@@ -17,7 +17,8 @@ import json
 import logging
 from pathlib import Path
 
-from retrieval_heads.errors import RetmaskError, run_cli
+from retrieval_heads.config import from_mapping
+from retrieval_heads.errors import RetmaskError
 from trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def _worker_loop(loop_config: dict) -> None:
 
     from trainer.dpo import train
 
-    config = TrainConfig.from_dict(loop_config["config"])
+    config = from_mapping(TrainConfig, loop_config["config"], "config")
     final = train(config)
     rank = ray.train.get_context().get_world_rank()
     metrics, checkpoint = {}, None
@@ -77,23 +78,6 @@ def _absolute_paths(config: TrainConfig) -> TrainConfig:
         return p if "://" in p or not p else str(Path(p).expanduser().resolve())
 
     model = absolute(config.model) if Path(config.model).expanduser().exists() else config.model
-    return dataclasses.replace(config, pairs=absolute(config.pairs), output_dir=absolute(config.output_dir), model=model)
+    return dataclasses.replace(config, pairs=absolute(config.pairs), output_dir=absolute(config.output_dir),
+                               model=model)
 
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m trainer.ray_train``: the DPO stage as a Ray job."""
-    from trainer.dpo import build_parser, config_from_args
-
-    parser = build_parser(main.__doc__)
-    parser.add_argument("--workers", type=int, default=2, help="data-parallel workers")
-    parser.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
-    parser.add_argument("--cpus-per-worker", type=int, default=1)
-    parser.add_argument("--storage-path", help="where Ray persists the final checkpoint (default <out>/ray)")
-    ns = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    print(train_on_ray(config_from_args(ns), ns.workers, use_gpu=ns.gpu, cpus_per_worker=ns.cpus_per_worker,
-                       storage_path=ns.storage_path))
-
-
-if __name__ == "__main__":
-    run_cli(main)  # the run contract: one-line user errors (exit 1), usage 2, Ctrl-C 130, SIGTERM 143

@@ -6,70 +6,61 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "pipeline"))
-from gen_support import child_env, prompt_rows, write_config, write_prompts, write_scores  # noqa: E402
-
-
-def run(*args, module="jobs.cli", timeout=300, **popen) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=timeout, env=popen.pop("env", None) or child_env(), **popen)
-
-
-def assert_user_error(result, *needles):
-    """Exit 1, exactly one `retmask: error:` line naming every needle, no traceback."""
-    assert result.returncode == 1, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("retmask: error:")]
-    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    for needle in needles:
-        assert needle in errors[0], errors[0]
+from support import (
+    REPO,
+    assert_user_error,
+    child_env,
+    prompt_rows,
+    retmask,
+    wait_for_commits,
+    write_config,
+    write_prompts,
+    write_scores,
+    write_shards,
+    written_ids,
+)
 
 
 @pytest.mark.parametrize("args", [[], ["bogus"], ["detect", "--nope"], ["inspect"], ["export-masked", "--k", "3"],
                                   ["train", "--max-steps", "x", "--pairs", "p"]])
 def test_usage_errors_exit_2_with_the_usage_message_and_no_traceback(args):
-    result = run(*args)
+    result = retmask(*args)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and "Usage:" in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("module, args", [("jobs.generate", []), ("jobs.eval", ["--models", "a=b"]),
-                                          ("jobs.detect_job", ["--nope"]), ("trainer.dpo", ["--nope"])])
-def test_module_entry_points_exit_2_on_usage_errors(module, args):
-    result = run(*args, module=module)
+@pytest.mark.parametrize("module", ["jobs.generate", "jobs.eval", "jobs.detect", "jobs.train"])
+def test_module_entry_points_exit_2_on_usage_errors(module):
+    # `python -m jobs.<stage>` is `retmask <stage>`: the same options, the same contract
+    result = retmask("--nope", module=module)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert "usage:" in result.stderr
+    assert "Usage: retmask" in result.stderr
 
 
 def test_module_entry_point_user_error_is_one_line_exit_1(tmp_path):
-    assert_user_error(run("--config", str(tmp_path / "missing.yaml"), module="jobs.generate"), "missing.yaml",
+    assert_user_error(retmask("--config", str(tmp_path / "missing.yaml"), module="jobs.generate"), "missing.yaml",
                       "does not exist")
 
 
 def _shards(tmp_path, model_dir=None):
     from pipeline.provenance import hash_model_dir
-    from pipeline.shards import make_row, open_run
+    from pipeline.shard_schema import make_row
 
-    out = tmp_path / "out"
     model = {"id": "smollm2-135m-instruct", "hash": hash_model_dir(model_dir) if model_dir else "h"}
-    writer = open_run(out, {"model": model, "seed": 0}, ["normal", "retrieval_masked"])
-    writer.write_shard([make_row(f"p{i}", "q", 1, 2, {"normal": ("a", 1, "stop"), "retrieval_masked": ("b", 1, "stop")})
-                        for i in range(3)])
-    writer.close()
-    return out
+    rows = [make_row(f"p{i}", "q", 1, 2, {"normal": ("a", 1, "stop"), "retrieval_masked": ("b", 1, "stop")})
+            for i in range(3)]
+    return write_shards(tmp_path / "out", rows, ["normal", "retrieval_masked"], run_config={"model": model, "seed": 0})
 
 
 def test_inspect_exits_1_when_it_reports_a_corrupt_listed_shard(tmp_path):
     out = _shards(tmp_path)
-    assert run("inspect", str(out)).returncode == 0
+    assert retmask("inspect", str(out)).returncode == 0
     shard = next((out / "data").glob("part-*.parquet"))
     shard.write_bytes(shard.read_bytes()[:-20])  # truncated
-    result = run("inspect", str(out))
+    result = retmask("inspect", str(out))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert shard.name in result.stdout and "sha256 differs" in result.stdout
 
@@ -79,8 +70,9 @@ def test_inspect_and_train_refuse_a_manifest_of_the_wrong_shape_in_one_line(tmp_
     manifest = json.loads((out / "manifest.json").read_text())
     del manifest["shards"]
     (out / "manifest.json").write_text(json.dumps(manifest))
-    assert_user_error(run("inspect", str(out)), "manifest.json", "'shards'")
-    assert_user_error(run("train", "--pairs", str(out), "--preset", "demo", "--out", str(tmp_path / "t")), "'shards'")
+    assert_user_error(retmask("inspect", str(out)), "manifest.json", "'shards'")
+    assert_user_error(retmask("train", "--pairs", str(out), "--preset", "demo", "--out", str(tmp_path / "t")),
+                      "'shards'")
 
 
 def test_train_refuses_an_altered_shard_naming_it(tmp_path, embedded_model_path):
@@ -91,19 +83,19 @@ def test_train_refuses_an_altered_shard_naming_it(tmp_path, embedded_model_path)
     shard = next((out / "data").glob("part-*.parquet"))
     table = pq.read_table(shard)
     pq.write_table(table.set_column(4, "normal__text", pa.array(["x"] * 3)), shard)  # valid Parquet, other content
-    result = run("train", "--pairs", str(out), "--preset", "demo", "--out", str(tmp_path / "t"))
+    result = retmask("train", "--pairs", str(out), "--preset", "demo", "--out", str(tmp_path / "t"))
     assert_user_error(result, shard.name, "does not match manifest.json", "sha256")
     assert not (tmp_path / "t" / "final").exists()
 
 
 def test_bad_score_values_and_k_are_one_line_errors(tmp_path, embedded_model_path):
     scores = write_scores(tmp_path / "s.json")
-    assert_user_error(run("export-masked", "--scores", str(scores), "--strategy", "top_k", "--k", "0",
-                          "--out", str(tmp_path / "m")), "k")
+    assert_user_error(retmask("export-masked", "--scores", str(scores), "--strategy", "top_k", "--k", "0",
+                              "--out", str(tmp_path / "m")), "k")
     data = json.loads(scores.read_text())
     data["3-4"] = [float("nan")]
     (tmp_path / "nan.json").write_text(json.dumps(data))  # json writes the NaN literal Python reads back
-    assert_user_error(run("export-masked", "--scores", str(tmp_path / "nan.json"), "--out", str(tmp_path / "m")),
+    assert_user_error(retmask("export-masked", "--scores", str(tmp_path / "nan.json"), "--out", str(tmp_path / "m")),
                       "3-4")
     assert not (tmp_path / "m").exists()
 
@@ -117,10 +109,10 @@ def test_a_prompt_source_without_one_usable_prompt_exits_1_and_leaves_no_output(
     out = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml", prompts=str(prompts), scores=str(write_scores(tmp_path / "s.json")),
                           out=str(out))
-    assert_user_error(run("generate", "--config", str(config)), "p.jsonl", "no usable prompt")
+    assert_user_error(retmask("generate", "--config", str(config)), "p.jsonl", "no usable prompt")
     assert not (out / "manifest.json").exists() and not list(out.rglob("*.parquet"))
     (tmp_path / "empty.jsonl").write_text("")
-    assert_user_error(run("generate", "--config", str(config), "--prompts", str(tmp_path / "empty.jsonl")),
+    assert_user_error(retmask("generate", "--config", str(config), "--prompts", str(tmp_path / "empty.jsonl")),
                       "no usable prompt")
     assert not (out / "manifest.json").exists()
 
@@ -137,26 +129,11 @@ def test_a_model_without_a_chat_template_is_a_user_error(tmp_path, embedded_mode
             (model / f.name).symlink_to(f)
     config = write_config(tmp_path / "c.yaml", model=str(model), scores=str(write_scores(tmp_path / "s.json")),
                           prompts=str(write_prompts(tmp_path / "p.jsonl", prompt_rows(2))), out=str(tmp_path / "out"))
-    assert_user_error(run("generate", "--config", str(config)), "no chat template")
+    assert_user_error(retmask("generate", "--config", str(config)), "no chat template")
 
 
 # ---------------------------------------------------------------------------------------------------
 # interrupted runs: 130 / 143, nothing damaged, the rerun finishes the job
-
-
-def _wait_for_shards(out: Path, proc: subprocess.Popen, n: int, log: Path) -> None:
-    from pipeline.shards import read_manifest
-
-    deadline = time.time() + 400
-    while True:
-        try:
-            if len(read_manifest(out)["shards"]) >= n:
-                return
-        except Exception:  # not there yet, or being replaced
-            pass
-        assert proc.poll() is None, log.read_text()[-3000:]
-        assert time.time() < deadline, "no shard committed in time"
-        time.sleep(0.2)
 
 
 @pytest.mark.slow
@@ -176,7 +153,7 @@ def test_ctrl_c_exits_130_sigterm_143_and_the_rerun_gives_every_prompt_once(tmp_
             proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "generate", "--config", str(config)], cwd=REPO,
                                     env=child_env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
             try:
-                _wait_for_shards(out, proc, len(committed) + 1, log)
+                wait_for_commits(out, proc, log, n=len(committed) + 1)
                 children = psutil.Process(proc.pid).children(recursive=True)
                 if sig == signal.SIGINT:
                     os.killpg(proc.pid, sig)  # what a terminal's Ctrl-C does: the whole foreground group
@@ -196,10 +173,10 @@ def test_ctrl_c_exits_130_sigterm_143_and_the_rerun_gives_every_prompt_once(tmp_
         assert not alive, f"{sig.name} left processes behind: {[p.pid for p in alive]}"
         committed.append(read_pairs_table(out).num_rows)  # readable, verified: nothing damaged
     assert 0 < committed[0] <= committed[1] < len(rows)
-    done = run("generate", "--config", str(config), timeout=600)
+    done = retmask("generate", "--config", str(config), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(read_pairs_table(out).column("prompt_id").to_pylist()) == [r["id"] for r in rows]
-    assert run("inspect", str(out)).returncode == 0
+    assert written_ids(out) == [r["id"] for r in rows]
+    assert retmask("inspect", str(out)).returncode == 0
 
 
 @pytest.mark.parametrize("yaml_text, needle", [
@@ -209,12 +186,13 @@ def test_ctrl_c_exits_130_sigterm_143_and_the_rerun_gives_every_prompt_once(tmp_
 ])
 def test_config_values_of_the_wrong_type_are_one_line_errors_naming_the_field(tmp_path, yaml_text, needle):
     (tmp_path / "c.yaml").write_text(yaml_text)
-    assert_user_error(run("generate", "--config", str(tmp_path / "c.yaml")), "c.yaml", needle)
+    assert_user_error(retmask("generate", "--config", str(tmp_path / "c.yaml")), "c.yaml", needle)
 
 
 def test_numbers_written_as_strings_in_yaml_are_read_as_numbers(tmp_path):
     from pipeline.generate import GenerateConfig
+    from retrieval_heads.config import load_config
 
     (tmp_path / "c.yaml").write_text('sampling: {max_tokens: "16", temperature: 1e-1}\nbatch_size: "4"\n')
-    config = GenerateConfig.from_yaml(tmp_path / "c.yaml")  # PyYAML reads 1e-1 as the string "1e-1"
+    config = load_config(GenerateConfig, tmp_path / "c.yaml")  # PyYAML reads 1e-1 as the string "1e-1"
     assert (config.sampling.max_tokens, config.sampling.temperature, config.batch_size) == (16, 0.1, 4)

@@ -2,7 +2,7 @@
 
 Where tensor-parallel engines land on a cluster of several nodes, through the options the run uses.
 
-``pipeline.generate.actor_options`` gives each engine of ``tensor_parallel_size > 1`` a STRICT_PACK
+``pipeline.cluster.actor_options`` gives each engine of ``tensor_parallel_size > 1`` a STRICT_PACK
 placement group: all of its GPUs on one node. Ray schedules declared GPUs as plain resources, so a
 loopback cluster of ``ray start --num-gpus=3`` nodes on this CPU machine shows where engines would land,
 with stub actors (no engine, no model). Two nodes of 3 GPUs make splitting visible: a second TP=2 engine
@@ -14,11 +14,11 @@ import time
 
 import pytest
 import ray
-from test_node_loss import LoopbackCluster
+from support import LoopbackCluster
 
-from pipeline import generate
 from pipeline.actors import ActorPool
-from pipeline.generate import GenerateConfig, actor_options
+from pipeline.cluster import actor_options
+from pipeline.generate import GenerateConfig
 from retrieval_heads.errors import RetmaskError
 
 GPUS_PER_NODE = 3
@@ -107,7 +107,7 @@ def test_each_tensor_parallel_engine_gets_all_its_gpus_on_one_node_and_engines_g
 
 
 def test_an_engine_no_node_can_hold_whole_is_a_one_line_error_not_a_hang_nor_a_split(groups, monkeypatch):
-    monkeypatch.setattr(generate, "PLACEMENT_SECONDS", 3.0)
+    monkeypatch.setattr("pipeline.cluster.PLACEMENT_SECONDS", 3.0)
     two = GenerateConfig(num_actors=2, tensor_parallel_size=2)
     for index in range(2):  # one GPU stays free on each node
         actor_options(two, index, groups, True)

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from gen_support import REPO, child_env
+from support import REPO, child_env
 
 # Heads no other test masks, so the session engine has not proven this mask yet.
 FRESH_SPEC, FRESH_HEADS = "4-2,11-5", ((4, 2), (11, 5))
@@ -21,13 +21,14 @@ ENGINE = dict(dtype="float32", max_model_len=2048, kv_cache_memory_bytes=256 << 
 
 DEAD_GATE = r'''
 import json, sys
+import vllm
 from vllm import SamplingParams
-import pipeline.engine as eng
+import pipeline.gate as gates
 from pipeline.engine import EngineConfig, GatedLLM
 from retrieval_heads.errors import RetmaskError
 
 gate = "alive"
-real_hook = eng._gate_input
+real_hook = gates._gate_input
 
 def switchable_hook(module, args):
     # "dead": no multiply at all; "decode_dead": the multiply runs for prefill batches only.
@@ -35,7 +36,7 @@ def switchable_hook(module, args):
         return None
     return real_hook(module, args)
 
-eng._gate_input = switchable_hook  # install_gates registers it on every o_proj while the engine loads
+gates._gate_input = switchable_hook  # install_gates registers it on every o_proj while the engine loads
 
 def refusal(call):
     try:
@@ -58,7 +59,7 @@ out["start_check_decode_dead"] = refusal(engine.check_gate)
 # from_config on a live engine whose gate is dead: the real checks, only the load is skipped.
 gate, closed, close = "dead", [], GatedLLM.close
 GatedLLM.close = lambda self: (closed.append(True), close(self))
-eng.LLM = lambda *args, **kwargs: engine.llm
+vllm.LLM = lambda *args, **kwargs: engine.llm  # GatedLLM.from_config imports it from vllm when called
 out["from_config"] = refusal(lambda: GatedLLM.from_config(config))
 out["closed_on_refusal"] = closed == [True]
 print("CANARY_RESULT " + json.dumps(out), flush=True)
@@ -74,7 +75,7 @@ def test_a_healthy_engine_proves_the_gate_at_start_and_once_per_new_mask(gated, 
     assert () in engine.gate_checks and ((engine.shape.num_layers - 1, 0),) in engine.gate_checks
     assert FRESH_HEADS not in engine.gate_checks
 
-    caplog.set_level(logging.INFO, logger="pipeline.engine")
+    caplog.set_level(logging.INFO, logger="pipeline.canary")
     short = SamplingParams(temperature=0.0, max_tokens=4)
     masked = engine.generate(gated.prompts[:1], short, mask=FRESH_SPEC)
     engine.set_mask(None)

@@ -29,7 +29,7 @@ def _tokens(completions):
     [(s, tp) for s in (LLAMA31_8B, QWEN3_8B) for tp in (1, 2, 4, 8)] + [(EMBEDDED, tp) for tp in (1, 3, 9)],
 )
 def test_every_query_head_lands_on_exactly_one_rank_slot(shape, tp):
-    from pipeline.engine import head_to_rank, local_heads
+    from pipeline.placement import head_to_rank, local_heads
 
     per_rank = shape.num_heads // tp
     slots = {}
@@ -41,12 +41,13 @@ def test_every_query_head_lands_on_exactly_one_rank_slot(shape, tp):
             slots[(layer, rank, local)] = head
     assert len(slots) == shape.num_heads_total
     heads = [(l, h) for l in range(0, shape.num_layers, 3) for h in range(0, shape.num_heads, 2)]
-    recovered = sorted((l, r * per_rank + h) for r in range(tp) for l, hs in local_heads(heads, shape, tp, r).items() for h in hs)
+    recovered = sorted((l, r * per_rank + h) for r in range(tp)
+                       for l, hs in local_heads(heads, shape, tp, r).items() for h in hs)
     assert recovered == sorted(heads)
 
 
 def test_llama_heads_map_to_the_expected_rank():
-    from pipeline.engine import head_to_rank
+    from pipeline.placement import head_to_rank
 
     assert head_to_rank(17, 0, LLAMA31_8B, 8) == (0, 0)
     assert head_to_rank(17, 13, LLAMA31_8B, 8) == (3, 1)
@@ -56,14 +57,14 @@ def test_llama_heads_map_to_the_expected_rank():
 
 @pytest.mark.parametrize("tp", [2, 4, 8])
 def test_tp_that_does_not_divide_the_query_heads_is_refused(tp):
-    from pipeline.engine import check_tensor_parallel
+    from pipeline.placement import check_tensor_parallel
 
     with pytest.raises(RetmaskError, match="does not divide the 9 query heads"):
         check_tensor_parallel(EMBEDDED, tp)
 
 
 def test_tp_must_split_or_replicate_the_kv_heads():
-    from pipeline.engine import check_tensor_parallel
+    from pipeline.placement import check_tensor_parallel
 
     assert check_tensor_parallel(LLAMA31_8B, 16) == 2  # 8 KV heads replicated twice
     with pytest.raises(RetmaskError, match="KV heads"):
@@ -200,8 +201,9 @@ def test_gated_engine_matches_the_exported_masked_checkpoint(gated, embedded_mod
     gated_out = engine.generate(gated.prompts, gated.greedy, mask=mask)
     path = export_masked_checkpoint(embedded_model_path, mask, tmp_path / "masked")
     cfg = engine.config
-    static = LLM(str(path), dtype=cfg.dtype, max_model_len=cfg.max_model_len, kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
-                 max_num_seqs=cfg.max_num_seqs, enforce_eager=True, seed=cfg.seed)
+    static = LLM(str(path), dtype=cfg.dtype, max_model_len=cfg.max_model_len,
+                 kv_cache_memory_bytes=cfg.kv_cache_memory_bytes, max_num_seqs=cfg.max_num_seqs, enforce_eager=True,
+                 seed=cfg.seed)
     try:
         inputs = [{"prompt_token_ids": engine.render(p)} for p in gated.prompts]
         static_out = static.generate(inputs, gated.greedy, use_tqdm=False)

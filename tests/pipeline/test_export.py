@@ -12,19 +12,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from gen_support import REPO, child_env, retmask
+from support import REPO, child_env, crafted_rows, pair_row, retmask, write_shards
 
 from pipeline.export import export_pairs
-from pipeline.shards import make_row, manifest_digest, open_run, read_manifest
+from pipeline.shards import manifest_digest, read_manifest
 from retrieval_heads.errors import RetmaskError
 from trainer.data import eval_bucket, load_pairs
 
-sys.path.insert(0, str(REPO / "tests" / "trainer"))
-from pairs_fixtures import crafted_rows  # noqa: E402
-
-VARIANTS = ["normal", "retrieval_masked", "random_masked"]
 RETRIEVAL = "16-1,17-2,18-3,19-0,20-5"
-# What `retmask generate` records (pipeline.generate._run_config), with a recognisable value in every field.
+# What `retmask generate` records (pipeline.run_config.run_config), with a recognisable value in every field.
 RUN_CONFIG = {
     "model": {"id": "SmolLM2-135M-Instruct", "path": "/models/smol", "hash": "sha256:feedface"},
     "masks": {
@@ -42,33 +38,21 @@ RUN_CONFIG = {
 }
 
 
-def row(pid, normal, masked, *, normal_reason="stop", masked_reason="stop", masked_tokens=5):
-    return make_row(pid, f"question {pid}", 0, 20, {
-        "normal": (normal, 5, normal_reason),
-        "retrieval_masked": (masked, masked_tokens, masked_reason),
-        "random_masked": (f"random {pid}", 5, "stop"),
-    })
-
-
 MIXED = [
-    row("good1", "answer one", "generic"),
-    row("good2", "answer two", "generic"),
-    row("empty1", "answer", ""),
-    row("empty2", "   ", "generic"),
-    row("same", "identical text", "identical text"),
-    row("trunc1", "long answer", "generic", normal_reason="length"),
-    row("trunc2", "answer", "long generic", masked_reason="length"),
-    row("long", "very long answer", "generic", masked_tokens=500),
+    pair_row("good1", "answer one", "generic"),
+    pair_row("good2", "answer two", "generic"),
+    pair_row("empty1", "answer", ""),
+    pair_row("empty2", "   ", "generic"),
+    pair_row("same", "identical text", "identical text"),
+    pair_row("trunc1", "long answer", "generic", normal_reason="length"),
+    pair_row("trunc2", "answer", "long generic", masked_reason="length"),
+    pair_row("long", "very long answer", "generic", masked_tokens=500),
 ]
 
 
 def write_run(out: Path, rows: list[dict]) -> Path:
     """A generation output as `retmask generate` commits it (manifest + verified shards), without an engine."""
-    writer = open_run(out, RUN_CONFIG, VARIANTS)
-    for i in range(0, len(rows), 5):
-        writer.write_shard(rows[i:i + 5])
-    writer.close()
-    return out
+    return write_shards(out, rows, run_config=RUN_CONFIG, shard_size=5)
 
 
 def load(dest: Path, *args, tmp_path: Path, **kwargs):
@@ -177,8 +161,8 @@ def test_unknown_variant_and_no_pair_left_are_one_line_errors_and_write_nothing(
     known = r"it holds \['normal', 'retrieval_masked', 'random_masked'\]"
     with pytest.raises(RetmaskError, match=r"\['nope'\] not in .* " + known):
         export_pairs(out, tmp_path / "dest", rejected="nope")
-    bad = write_run(tmp_path / "bad", [row("a", "x", "x"), row("b", "", "y"),
-                                       row("c", "y", "z", normal_reason="length")])
+    bad = write_run(tmp_path / "bad", [pair_row("a", "x", "x"), pair_row("b", "", "y"),
+                                       pair_row("c", "y", "z", normal_reason="length")])
     with pytest.raises(RetmaskError, match="pairs left .* empty 1, identical 1, truncated 1, too_long 0"):
         export_pairs(bad, tmp_path / "dest")
     assert not (tmp_path / "dest").exists()

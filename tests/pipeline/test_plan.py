@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from gen_support import REPO, SMALL, child_env, prompt_rows, retmask, write_prompts, write_scores
+from support import REPO, SMALL, child_env, prompt_rows, retmask, write_prompts, write_scores
 
 CONFIGS = REPO / "tests" / "data" / "configs"
 PAPER = {  # paper config -> the shipped config.json directory of its model, and that model's heads
@@ -16,13 +16,7 @@ PAPER = {  # paper config -> the shipped config.json directory of its model, and
     "generate_olmo3_7b.yaml": ("Olmo-3-7B-Instruct", 32, 32),
 }
 SECTIONS = ["shape", "variants", "tensor parallel", "memory per engine", "prompt source", "output location"]
-
-
-def write_wu_scores(path: Path, layers: int, heads: int, retrieval=((3, 1), (17, 5), (20, 30))) -> Path:
-    """A Wu-format score file of the given shape: ``retrieval`` heads at 0.5, all others 0."""
-    scores = {f"{l}-{h}": [0.5 if (l, h) in retrieval else 0.0] for l in range(layers) for h in range(heads)}
-    path.write_text(json.dumps(scores))
-    return path
+PAPER_HEADS = ((3, 1), (17, 5), (20, 30))  # the heads the paper configs' score files below select
 
 
 def write_lmsys(path: Path, n: int = 6) -> Path:
@@ -41,7 +35,7 @@ def paper_inputs(tmp_path):
 
     def overrides(name: str, **extra) -> dict:
         model, layers, heads = PAPER[name]
-        scores = write_wu_scores(tmp_path / f"{model}-scores.json", layers, heads)
+        scores = write_scores(tmp_path / f"{model}-scores.json", layers, heads, PAPER_HEADS)
         return {"model": str(CONFIGS / model), "scores": str(scores), "prompts": str(prompts),
                 "out": str(tmp_path / "out" / model), **extra}
 
@@ -51,8 +45,9 @@ def paper_inputs(tmp_path):
 def run_plan(name: str, overrides: dict, **options):
     from pipeline.generate import GenerateConfig
     from pipeline.plan import format_plan, plan
+    from retrieval_heads.config import load_config
 
-    config = GenerateConfig.from_yaml(REPO / "jobs" / "configs" / name, **overrides)
+    config = load_config(GenerateConfig, REPO / "jobs" / "configs" / name, **overrides)
     report = plan(config, **options)
     return report, format_plan(report)
 
@@ -124,7 +119,7 @@ def test_cli_refuses_tp_3_for_32_heads_in_one_line_after_the_whole_report(paper_
 
 
 def test_cli_refuses_a_score_file_of_another_shape_in_one_line(paper_inputs, tmp_path):
-    scores = write_wu_scores(tmp_path / "qwen-shaped.json", 36, 32)  # Qwen3-8B's 36 layers for Llama's 32
+    scores = write_scores(tmp_path / "qwen-shaped.json", 36, 32, PAPER_HEADS)  # Qwen3-8B's 36 layers for Llama's 32
     overrides = {**paper_inputs("generate_llama31_8b.yaml"), "scores": str(scores)}
     result = retmask(*cli_args("generate_llama31_8b.yaml", overrides))
     assert result.returncode == 1
@@ -194,20 +189,24 @@ def test_shipped_olmo3_think_config_has_the_instruct_architecture():
     assert think == instruct and think["model_type"] == "olmo3"
 
 
-def test_engine_uses_the_placement_functions_and_plan_mirrors_its_defaults():
-    import dataclasses
+def test_engine_uses_the_placement_functions_and_plan_reads_the_engine_s_defaults():
+    from pipeline import engine, gate, placement
+    from pipeline.generate import GenerateConfig
 
-    from pipeline import engine, placement
-    from pipeline.plan import ENGINE_DEFAULTS
-
-    defaults = {f.name: f.default for f in dataclasses.fields(engine.EngineConfig)}
-    assert {k: defaults[k] for k in ENGINE_DEFAULTS} == ENGINE_DEFAULTS
+    # plan's memory check reads GenerateConfig.engine: the very options (and defaults) the engine is built with
+    assert issubclass(engine.EngineConfig, engine.EngineOptions)
+    options, built = GenerateConfig().engine, engine.EngineConfig()
+    for name in ("dtype", "gpu_memory_utilization", "max_num_seqs", "kv_cache_memory_bytes"):
+        assert getattr(options, name) == getattr(built, name)
     assert engine.check_tensor_parallel is placement.check_tensor_parallel
-    assert engine.local_heads is placement.local_heads and engine.checkpoint_dtype is placement.checkpoint_dtype
+    assert gate.local_heads is placement.local_heads and gate.check_tensor_parallel is placement.check_tensor_parallel
+    shared = {name for name in vars(placement) if not name.startswith("_")}
+    own = {name for m in (engine, gate) for name, v in vars(m).items() if getattr(v, "__module__", None) == m.__name__}
+    assert not own & shared  # no second copy of the placement arithmetic in the vLLM-side modules
 
 
 def test_an_output_of_another_run_or_of_other_files_is_refused(paper_inputs, tmp_path):
-    from pipeline.shards import open_run
+    from pipeline.shard_writer import open_run
 
     overrides = paper_inputs("generate_llama31_8b.yaml")
     writer = open_run(overrides["out"], {"model": {"id": "someone-else", "hash": "sha256:0"}, "seed": 0},
@@ -229,26 +228,28 @@ def test_an_output_of_another_run_or_of_other_files_is_refused(paper_inputs, tmp
 
 def embedded_config(tmp_path, **fields):
     from pipeline.generate import GenerateConfig
+    from retrieval_heads.config import from_mapping
 
     long_prompt = {"id": "long", "prompt": "Summarize this: " + "lorem ipsum dolor sit amet " * 200}
     prompts = write_prompts(tmp_path / "prompts.jsonl", prompt_rows(5) + [long_prompt])
-    return GenerateConfig.from_dict({**SMALL, "scores": str(write_scores(tmp_path / "scores.json")),
-                                     "prompts": str(prompts), "out": str(tmp_path / "run"), **fields})
+    return from_mapping(GenerateConfig, {**SMALL, "scores": str(write_scores(tmp_path / "scores.json")),
+                                         "prompts": str(prompts), "out": str(tmp_path / "run"), **fields})
 
 
 def commit_rows_as_generate_would(config, n: int) -> None:
     """Open the run with the very run config generate computes, and commit ``n`` rows."""
     from transformers import AutoConfig
 
-    from pipeline.generate import _masks, _model, _run_config, _tokenizer
-    from pipeline.shards import make_row, open_run
+    from pipeline.run_config import chat_tokenizer, model_record, run_config, variant_masks
+    from pipeline.shard_schema import make_row
+    from pipeline.shard_writer import open_run
     from retrieval_heads.models import shape_of
 
-    path, model = _model(config)
+    path, model = model_record(config)
     hf_config = AutoConfig.from_pretrained(path)
-    _, record = _masks(config, shape_of(hf_config))
-    run_config = _run_config(config, model, record, hf_config, _tokenizer(path, config.model))
-    writer = open_run(config.out, run_config, config.variants)
+    _, record = variant_masks(config, shape_of(hf_config))
+    recorded = run_config(config, model, record, hf_config, chat_tokenizer(path, config.model))
+    writer = open_run(config.out, recorded, config.variants)
     outputs = {v: ("ok", 1, "stop") for v in config.variants}
     rows = [make_row(r["id"], r["prompt"], 0, 10, outputs) for r in prompt_rows(n)]
     writer.write_shard(rows)

@@ -6,15 +6,23 @@ the driver's environment, so the variable set on the CLI process reaches them.
 """
 
 import json
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
-from gen_support import REPO, child_env, data_files, job_summary, prompt_rows, write_config, write_prompts, write_scores
+from support import (
+    child_env,
+    data_files,
+    job_summary,
+    prompt_rows,
+    retmask,
+    write_config,
+    write_prompts,
+    write_scores,
+    written_ids,
+)
 
 from pipeline.inspect import inspect_run
-from pipeline.shards import read_manifest, read_pairs_table
+from pipeline.shards import read_manifest
 
 MARKER = "zq-poison-7f3a"
 
@@ -26,8 +34,7 @@ def test_poison_prompt_becomes_a_reject_and_the_run_goes_on(tmp_path, embedded_m
     out = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml", prompts=str(write_prompts(tmp_path / "p.jsonl", rows)),
                           scores=str(write_scores(tmp_path / "s.json")), out=str(out), max_retries=1)
-    result = subprocess.run([sys.executable, "-m", "jobs.generate", "--config", str(config)], cwd=REPO,
-                            env=child_env(RETMASK_FAULT_POISON=MARKER), capture_output=True, text=True, timeout=600)
+    result = retmask("--config", str(config), module="jobs.generate", env=child_env(RETMASK_FAULT_POISON=MARKER))
     assert result.returncode == 0, result.stderr[-3000:]
     summary = job_summary(result.stdout)
     assert summary["rows_written"] == 7 and summary["rejected"] == {"engine_error": 1}
@@ -35,7 +42,7 @@ def test_poison_prompt_becomes_a_reject_and_the_run_goes_on(tmp_path, embedded_m
     assert "the engine failed on prompt p05" in result.stderr
 
     good = sorted(r["id"] for r in rows if r["id"] != "p05")
-    assert sorted(read_pairs_table(out).column("prompt_id").to_pylist()) == good  # each exactly once
+    assert written_ids(out) == good  # each exactly once
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert len(rejects) == 1 and rejects[0]["prompt_id"] == "p05" and rejects[0]["kind"] == "engine_error"
     assert rejects[0]["reason"] == "engine_error: ValueError: injected poison prompt"
@@ -66,7 +73,7 @@ class FakeEngine:
 
 def _actor(engine):
     from pipeline.actors import GenerationActor
-    from pipeline.shards import schema_for
+    from pipeline.shard_schema import schema_for
 
     actor = object.__new__(GenerationActor)
     actor.index, actor.batches, actor.llm, actor.sampling, actor._one_token = 0, 0, engine, None, None

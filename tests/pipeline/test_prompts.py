@@ -7,8 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import prompts
-from pipeline.prompts import Prompt, load_prompts, prompt_id, token_limit
+from pipeline import prompt_sources
+from pipeline.prompt_rows import Prompt, prompt_id
+from pipeline.prompts import load_prompts, token_limit
 from retrieval_heads.errors import RetmaskError
 
 
@@ -30,7 +31,8 @@ def hf_cache_in_tmp(tmp_path, monkeypatch):
 
 
 def test_source_ids_are_kept_and_missing_ids_become_a_content_hash(tmp_path):
-    f = write_jsonl(tmp_path / "p.jsonl", [{"id": "a1", "prompt": "hello"}, {"prompt": "world"}, {"id": 7, "prompt": "x"}])
+    f = write_jsonl(tmp_path / "p.jsonl",
+                    [{"id": "a1", "prompt": "hello"}, {"prompt": "world"}, {"id": 7, "prompt": "x"}])
     got = collect(load_prompts("jsonl", f))
     assert [p.id for p in got] == ["a1", "sha1-" + hashlib.sha1(b"world").hexdigest()[:16], "7"]
     assert got[1].id == prompt_id("world")
@@ -39,11 +41,15 @@ def test_source_ids_are_kept_and_missing_ids_become_a_content_hash(tmp_path):
 
 def test_ids_are_the_same_on_every_load(tmp_path):
     f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"question {i}"} for i in range(20)])
-    assert [p.id for p in collect(load_prompts("jsonl", f))] == [p.id for p in collect(load_prompts("jsonl", f))]
+    ids = [p.id for p in collect(load_prompts("jsonl", f))]
+    assert ids == [p.id for p in collect(load_prompts("jsonl", f))]
+    # a digest of the text, not Python's hash() (salted per process): the same in every process and on every machine
+    assert ids == ["sha1-" + hashlib.sha1(f"question {i}".encode()).hexdigest()[:16] for i in range(20)]
 
 
 def test_duplicate_ids_keep_the_first_prompt_and_count_as_rejects(tmp_path):
-    f = write_jsonl(tmp_path / "p.jsonl", [{"id": "x", "prompt": "first"}, {"id": "x", "prompt": "second"}, {"prompt": "same"}, {"prompt": "same"}])
+    f = write_jsonl(tmp_path / "p.jsonl", [{"id": "x", "prompt": "first"}, {"id": "x", "prompt": "second"},
+                                           {"prompt": "same"}, {"prompt": "same"}])
     stream = load_prompts("jsonl", f)
     assert [p.text for p in collect(stream)] == ["first", "same"]
     assert stream.reject_counts["duplicate id"] == 2
@@ -63,7 +69,8 @@ def test_bad_rows_become_rejects_and_good_rows_still_load(tmp_path):
     ])
     stream = load_prompts("jsonl", f)
     assert [p.text for p in collect(stream)] == ["good one", "good two"]
-    assert stream.reject_counts == {"empty text": 2, "not a string": 1, "missing field": 2, "invalid JSON": 1, "not an object": 1}
+    assert stream.reject_counts == {"empty text": 2, "not a string": 1, "missing field": 2, "invalid JSON": 1,
+                                    "not an object": 1}
     assert stream.rejects[0].row == {"prompt": ""}
     invalid = next(r for r in stream.rejects if r.kind == "invalid JSON")
     assert invalid.row["line"] == 7
@@ -85,7 +92,8 @@ def test_stream_is_lazy_so_large_files_are_never_held_whole(tmp_path):
 
 
 def test_parquet_reads_custom_fields_in_batches(tmp_path):
-    table = pa.table({"uid": [f"u{i}" for i in range(10)], "question": [f"q{i}" for i in range(10)], "other": list(range(10))})
+    table = pa.table({"uid": [f"u{i}" for i in range(10)], "question": [f"q{i}" for i in range(10)],
+                      "other": list(range(10))})
     pq.write_table(table, tmp_path / "p.parquet", row_group_size=4)
     batches = list(load_prompts("parquet", tmp_path / "p.parquet", batch_size=4, text_field="question", id_field="uid"))
     assert [len(b) for b in batches] == [4, 4, 2]
@@ -159,7 +167,8 @@ LMSYS_ROWS = [
      "conversation": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "second prompt"}]},
     {"conversation_id": "c6", "redacted": False, "conversation": []},
     # LMSYS-Chat-1M-Synth flags: the id of the first occurrence, or an empty-instruction marker
-    {"conversation_id": "c7", "duplicate_user_instruction_ja": "c1", "conversation": [{"role": "user", "content": "dup"}]},
+    {"conversation_id": "c7", "duplicate_user_instruction_ja": "c1",
+     "conversation": [{"role": "user", "content": "dup"}]},
     {"conversation_id": "c8", "empty_user_instruction_ja": True, "conversation": [{"role": "user", "content": "?"}]},
 ]
 
@@ -191,18 +200,18 @@ def test_lmsys_reads_parquet_files_with_nested_conversations(tmp_path):
     pq.write_table(pa.Table.from_pylist(LMSYS_ROWS[3:6]), tmp_path / "data" / "train-00001.parquet")
     got = collect(load_prompts("lmsys", tmp_path / "data", id_field="conversation_id"))
     # with conversation ids as ids, the repeated text under c4 is a different prompt
-    assert [(p.id, p.text) for p in got] == [("c1", "first question"), ("c4", "first question"), ("c5", "second prompt")]
+    assert [(p.id, p.text) for p in got] == [("c1", "first question"), ("c4", "first question"),
+                                             ("c5", "second prompt")]
 
 
 def test_builtin_source_reads_the_packaged_file_through_importlib_resources(tmp_path, monkeypatch):
     f = write_jsonl(tmp_path / "prompts.jsonl", [{"id": "demo-0001", "prompt": "Name three rivers."}])
-    monkeypatch.setattr(prompts, "_builtin_file", lambda: f)
+    monkeypatch.setattr(prompt_sources, "_builtin_file", lambda: f)
     assert collect(load_prompts("builtin")) == [Prompt("demo-0001", "Name three rivers.", {"source": "builtin"})]
 
 
 def test_builtin_demo_prompts_ship_with_the_package():
-    if not prompts._builtin_file().is_file():
-        pytest.skip("pipeline/data/prompts.jsonl is not written yet")
+    assert prompt_sources._builtin_file().is_file(), "pipeline/data/prompts.jsonl is missing from the package"
     stream = load_prompts("builtin")
     got = collect(stream)
     assert got and all(p.id.startswith("demo-") for p in got)

@@ -7,25 +7,17 @@ import os
 import subprocess
 import sys
 import textwrap
-import uuid
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import shards
-from pipeline.shards import (
-    SCHEMA_VERSION,
-    committed_prompt_ids,
-    hash_model_dir,
-    make_row,
-    open_run,
-    package_versions,
-    read_manifest,
-    read_pairs_table,
-    schema_for,
-)
+from pipeline import shard_writer, shards
+from pipeline.provenance import hash_model_dir, package_versions
+from pipeline.shard_schema import SCHEMA_VERSION, make_row, schema_for
+from pipeline.shard_writer import open_run
+from pipeline.shards import committed_prompt_ids, read_manifest, read_pairs_table
 from retrieval_heads.errors import RetmaskError
 
 VARIANTS = ["normal", "retrieval_masked"]
@@ -40,7 +32,8 @@ CONFIG = {
 
 def rows(ids, text="answer"):
     return [
-        make_row(pid, f"question {pid}", 1234, 7, {"normal": (f"{text} {pid}", 3, "stop"), "retrieval_masked": ("masked", 1, "length")})
+        make_row(pid, f"question {pid}", 1234, 7,
+                 {"normal": (f"{text} {pid}", 3, "stop"), "retrieval_masked": ("masked", 1, "length")})
         for pid in ids
     ]
 
@@ -55,7 +48,7 @@ def listed_files(out):
 
 def fail_manifest_writes(monkeypatch, message: str) -> None:
     """Make every commit record (and manifest) write raise, as if the writer died right before the commit."""
-    real_put = shards._put
+    real_put = shard_writer._put
 
     def put(fs, path, data):
         if path.endswith("manifest.json"):
@@ -65,8 +58,8 @@ def fail_manifest_writes(monkeypatch, message: str) -> None:
     def commit(self, version, entry):
         raise RuntimeError(message)
 
-    monkeypatch.setattr(shards, "_put", put)
-    monkeypatch.setattr(shards.ShardWriter, "_commit_record", commit)
+    monkeypatch.setattr(shard_writer, "_put", put)
+    monkeypatch.setattr(shard_writer.ShardWriter, "_commit_record", commit)
 
 
 def test_schema_has_one_row_per_prompt_with_every_variant_and_its_version():
@@ -109,19 +102,19 @@ def test_crash_after_the_temp_file_is_written_leaves_committed_shards_intact(tmp
     out = tmp_path / "out"
     writer = open_run(out, CONFIG, VARIANTS)
     writer.write_shard(rows(["p0", "p1"]))
-    real_write = shards._write_bytes
+    real_write = shard_writer._write_bytes
 
     def write_then_crash(fs, path, data):
         real_write(fs, path, data)
         if "/.tmp-" in path and path.endswith(".parquet"):
             raise RuntimeError("simulated crash inside the writer")
 
-    monkeypatch.setattr(shards, "_write_bytes", write_then_crash)
+    monkeypatch.setattr(shard_writer, "_write_bytes", write_then_crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         writer.write_shard(rows(["p2", "p3"]))
     assert data_files(out) == listed_files(out) and len(listed_files(out)) == 1
     assert read_pairs_table(out).column("prompt_id").to_pylist() == ["p0", "p1"]
-    monkeypatch.setattr(shards, "_write_bytes", real_write)
+    monkeypatch.setattr(shard_writer, "_write_bytes", real_write)
     writer.write_shard(rows(["p2", "p3"]))  # the writer stays usable
     assert committed_prompt_ids(out) == {"p0", "p1", "p2", "p3"}
 
@@ -138,18 +131,19 @@ def test_failed_manifest_update_removes_the_renamed_shard(tmp_path, monkeypatch)
 
 KILLED_WRITER = textwrap.dedent("""
     import json, os, sys
-    from pipeline import shards
+    from pipeline import shard_writer
+    from pipeline.shard_schema import make_row
     config, variants = json.loads(sys.argv[2]), ["normal", "retrieval_masked"]
     def rows(ids):
-        return [shards.make_row(i, "q", 0, 1, {v: ("a", 1, "stop") for v in variants}) for i in ids]
-    writer = shards.open_run(sys.argv[1], config, variants)
+        return [make_row(i, "q", 0, 1, {v: ("a", 1, "stop") for v in variants}) for i in ids]
+    writer = shard_writer.open_run(sys.argv[1], config, variants)
     writer.write_shard(rows(["p0", "p1"]))
-    real_write = shards._write_bytes
+    real_write = shard_writer._write_bytes
     def write_then_die(fs, path, data):
         real_write(fs, path, data)
         if "/.tmp-" in path and path.endswith(".parquet"):
             os._exit(9)  # like SIGKILL: no cleanup, no finally blocks
-    shards._write_bytes = write_then_die
+    shard_writer._write_bytes = write_then_die
     writer.write_shard(rows(["p2", "p3"]))
 """)
 
@@ -185,7 +179,8 @@ def test_resume_skips_prompt_ids_already_committed(tmp_path):
     [
         ({"sampling": {**CONFIG["sampling"], "temperature": 0.7}}, "sampling.temperature"),
         ({"model": {**CONFIG["model"], "hash": "sha256:other"}}, "model.hash"),
-        ({"masks": {"retrieval_masked": {"heads": [[3, 1]], "scores_hash": "sha256:def"}}}, "masks.retrieval_masked.heads"),
+        ({"masks": {"retrieval_masked": {"heads": [[3, 1]], "scores_hash": "sha256:def"}}},
+         "masks.retrieval_masked.heads"),
         ({"seed": 1}, "seed"),
     ],
 )
@@ -199,8 +194,11 @@ def test_reopening_with_a_different_run_config_is_refused_naming_the_key(tmp_pat
 
 def test_moving_the_model_directory_does_not_block_resume(tmp_path):
     out = tmp_path / "out"
-    open_run(out, CONFIG, VARIANTS)
-    open_run(out, {**CONFIG, "model": {**CONFIG["model"], "path": "/elsewhere/smol"}}, VARIANTS)
+    open_run(out, CONFIG, VARIANTS).write_shard(rows(["p0"]))
+    moved = open_run(out, {**CONFIG, "model": {**CONFIG["model"], "path": "/elsewhere/smol"}}, VARIANTS)
+    assert moved.committed_ids == {"p0"}  # resumed: neither refused nor started over
+    moved.write_shard(rows(["p1"]))
+    assert committed_prompt_ids(out) == {"p0", "p1"}
 
 
 def test_reopening_with_other_variants_is_refused(tmp_path):
@@ -244,7 +242,8 @@ def test_output_loads_unchanged_with_datasets_pandas_and_duckdb(tmp_path):
     (out / "data" / ".tmp-inflight.parquet").write_bytes(b"half written")  # a commit in progress
     names = schema_for(VARIANTS).names
 
-    ds = datasets.load_dataset("parquet", data_files=str(out / "data" / "part-*.parquet"), split="train", cache_dir=str(tmp_path / "hf"))
+    ds = datasets.load_dataset("parquet", data_files=str(out / "data" / "part-*.parquet"), split="train",
+                               cache_dir=str(tmp_path / "hf"))
     assert ds.column_names == names and sorted(ds["prompt_id"]) == ["p0", "p1", "p2"]
     assert ds[0]["normal__text"] == "answer p0"
     card = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf2"))  # README front matter
@@ -293,8 +292,9 @@ def test_disk_error_during_a_commit_is_a_user_error_and_keeps_committed_shards(t
     def disk_full(fs, path, data):
         raise OSError(errno.ENOSPC, "No space left on device", path)
 
-    monkeypatch.setattr(shards, "_write_bytes", disk_full)
-    with pytest.raises(RetmaskError, match=rf"cannot write {out}/data/part-00001-.*No space left.*committed shards are intact"):
+    monkeypatch.setattr(shard_writer, "_write_bytes", disk_full)
+    match = rf"cannot write {out}/data/part-00001-.*No space left.*committed shards are intact"
+    with pytest.raises(RetmaskError, match=match):
         writer.write_shard(rows(["p1"]))
     assert data_files(out) == listed_files(out) and committed_prompt_ids(out) == {"p0"}
 
@@ -327,33 +327,12 @@ def test_package_versions_name_the_libraries_that_shape_outputs():
 
 
 # ---------------------------------------------------------------------------------------------------
-# object storage, for real, against a local S3 server
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3(s3_endpoint):
-    fs = pafs.S3FileSystem(
-        endpoint_override=s3_endpoint, scheme="http", access_key="testing", secret_key="testing",
-        region="us-east-1", allow_bucket_creation=True,
-    )
-    bucket = f"retmask-{uuid.uuid4().hex[:8]}"
-    fs.create_dir(bucket)
-    return fs, bucket
+# object storage, for real, against a local S3 server (the s3 fixtures: tests/pipeline/conftest.py)
 
 
 def s3_files(fs, prefix):
-    return sorted(i.path.split("/")[-1] for i in fs.get_file_info(pafs.FileSelector(f"{prefix}/data")) if i.type == pafs.FileType.File)
+    infos = fs.get_file_info(pafs.FileSelector(f"{prefix}/data"))
+    return sorted(i.path.split("/")[-1] for i in infos if i.type == pafs.FileType.File)
 
 
 def test_object_store_commit_resume_and_read(s3):
@@ -444,8 +423,8 @@ def test_a_listed_shard_with_another_row_count_is_refused(tmp_path):
 @pytest.mark.parametrize("manifest, field", [
     ([1, 2], "holds a list"),
     ({"format": "retmask-pairs", "schema_version": 1, "variants": ["normal"], "run_config": {}}, "'shards'"),
-    ({"format": "retmask-pairs", "schema_version": 1, "variants": ["normal"], "run_config": {}, "shards": [{"file": 3}]},
-     r"shards\[0\]"),
+    ({"format": "retmask-pairs", "schema_version": 1, "variants": ["normal"], "run_config": {},
+      "shards": [{"file": 3}]}, r"shards\[0\]"),
 ])
 def test_a_manifest_of_the_wrong_shape_is_one_line_naming_the_field(tmp_path, manifest, field):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
@@ -460,7 +439,8 @@ def test_a_manifest_of_the_wrong_shape_is_one_line_naming_the_field(tmp_path, ma
 ])
 def test_resume_identity_covers_dtype_context_chat_template_and_revision(tmp_path, key, value):
     out = tmp_path / "out"
-    base = {**CONFIG, "engine": {"dtype": "float32", "max_model_len": 4096}, "chat_template": {"sha256": "t", "kwargs": {}}}
+    base = {**CONFIG, "engine": {"dtype": "float32", "max_model_len": 4096},
+            "chat_template": {"sha256": "t", "kwargs": {}}}
     open_run(out, base, VARIANTS).close()
     with pytest.raises(RetmaskError, match=rf"made by a different run: {key}\."):
         open_run(out, {**base, key: value}, VARIANTS)
@@ -470,7 +450,7 @@ def _open_in_another_process(out: str, endpoint: str | None = None) -> subproces
     code = textwrap.dedent(f"""
         import sys
         import pyarrow.fs as pafs
-        from pipeline.shards import open_run
+        from pipeline.shard_writer import open_run
         from retrieval_heads.errors import RetmaskError
         fs = None if {endpoint!r} is None else pafs.S3FileSystem(endpoint_override={endpoint!r}, scheme="http",
             access_key="testing", secret_key="testing", region="us-east-1")
@@ -514,7 +494,8 @@ def test_a_second_writer_on_the_same_object_store_prefix_is_refused(s3, s3_endpo
 def test_kill_9_inside_a_commit_keeps_every_committed_shard_and_the_rerun_cleans_up(tmp_path, fault, committed):
     out = tmp_path / "out"
     code = textwrap.dedent(f"""
-        from pipeline.shards import open_run, make_row
+        from pipeline.shard_schema import make_row
+        from pipeline.shard_writer import open_run
         rows = lambda ids: [make_row(i, "q", 1, 2, {{"normal": ("a", 1, "stop"), "retrieval_masked": ("b", 1, "stop")}})
                             for i in ids]
         writer = open_run({str(out)!r}, {CONFIG!r}, {VARIANTS!r})
@@ -536,7 +517,7 @@ def test_kill_9_inside_a_commit_keeps_every_committed_shard_and_the_rerun_cleans
 
 
 def test_a_commit_costs_one_small_record_and_checkpoints_fold_them(tmp_path, monkeypatch):
-    monkeypatch.setattr(shards, "CHECKPOINT_EVERY", 3)
+    monkeypatch.setattr(shard_writer, "CHECKPOINT_EVERY", 3)
     out = tmp_path / "out"
     writer = open_run(out, CONFIG, VARIANTS)
     for i in range(4):
@@ -553,7 +534,7 @@ def test_a_second_writer_cannot_take_a_commit_number_even_past_the_lease(tmp_pat
     out = tmp_path / "out"
     first = open_run(out, CONFIG, VARIANTS)
     first.write_shard(rows(["p0"]))
-    intruder = shards.ShardWriter(str(out), *shards.output_fs(out), read_manifest(out), {"p0"})  # no lease check
+    intruder = shard_writer.ShardWriter(str(out), *shards.output_fs(out), read_manifest(out), {"p0"})  # no lease check
     intruder.write_shard(rows(["p1"]))
     with pytest.raises(RetmaskError, match="commit 2 of .* was taken by another writer"):
         first.write_shard(rows(["p2"]))

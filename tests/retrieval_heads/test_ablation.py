@@ -43,5 +43,6 @@ def test_batched_decoding_scores_like_one_prompt_at_a_time(setup):
     one = AblationConfig(**{**config.__dict__, "batch_size": 1})
     for heads in ([], RETRIEVAL):
         mask = HeadMask.for_shape(heads, shape)
-        batched, one_by_one = niah_accuracy(model, tokenizer, mask, prompts, config), niah_accuracy(model, tokenizer, mask, prompts, one)
+        batched = niah_accuracy(model, tokenizer, mask, prompts, config)
+        one_by_one = niah_accuracy(model, tokenizer, mask, prompts, one)
         assert batched[0] == one_by_one[0]

@@ -1,24 +1,17 @@
 """`retmask heads compare`: overlap@k, rank correlation, score mass per layer, one-sided heads and the heatmap."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from support import assert_user_error, retmask
 
 from retrieval_heads.compare import compare, compare_many, format_compare, plot_compare
 from retrieval_heads.errors import RetmaskError
 from retrieval_heads.scores import HeadScores
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "head_scores"
-REPO = Path(__file__).resolve().parents[2]
 DUO_RUN = DATA / "duoattention" / "Tiny-Llama" / "lr=0.02-reg=0.05-ctx=1000_32000-multi_passkey10"
-
-
-def retmask(*args):
-    command = [sys.executable, "-m", "jobs.cli", *args]
-    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
 
 
 def scores(means: dict, source: str) -> HeadScores:
@@ -109,7 +102,5 @@ def test_cli_compare_shape_mismatch_is_one_line_exit_1(tmp_path):
     small = tmp_path / "small.json"
     small.write_text(json.dumps({"0-0": [0.5], "0-1": [0.0], "1-0": [0.1], "1-1": [0.0]}))
     result = retmask("heads", "compare", str(DATA / "wu_tiny.json"), str(small), "--out", str(tmp_path / "out"))
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("retmask: error:")]
-    assert len(errors) == 1 and "cannot compare" in errors[0] and "same shape" in errors[0]
+    assert_user_error(result, "cannot compare", "same shape")
     assert not (tmp_path / "out" / "compare.json").exists()

@@ -95,7 +95,8 @@ def test_decoding_stops_at_eos_and_the_answer_passes_rouge(smol):
 
 @pytest.mark.slow
 def test_detect_writes_wu_scores_trial_records_and_heatmap(embedded_model_path, tmp_path):
-    config = DetectConfig(model=embedded_model_path, lengths=(500,), depths=(0.3, 0.8), num_needles=1, max_new_tokens=24)
+    config = DetectConfig(model=embedded_model_path, lengths=(500,), depths=(0.3, 0.8), num_needles=1,
+                          max_new_tokens=24)
     scores = detect(config, tmp_path)
     loaded = HeadScores.load(tmp_path / "head_scores.json")
     assert len(loaded.trials) == 270 and loaded.trials == scores.trials

@@ -1,11 +1,10 @@
 """Head scores in other methods' published formats import into HeadScores with the heads those files name."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from support import assert_user_error, retmask
 
 from retrieval_heads.errors import RetmaskError
 from retrieval_heads.importers import FORMATS, load_head_scores, resolve_format
@@ -14,22 +13,8 @@ from retrieval_heads.preflight import MIN_COUNTED_TRIALS, preflight
 from retrieval_heads.scores import HeadScores, select_heads
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "head_scores"
-REPO = Path(__file__).resolve().parents[2]
 DUO_RUN = DATA / "duoattention" / "Tiny-Llama" / "lr=0.02-reg=0.05-ctx=1000_32000-multi_passkey10"
 SHAPE = ModelShape(num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=512)
-
-
-def retmask(*args):
-    command = [sys.executable, "-m", "jobs.cli", *args]
-    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
-
-
-def one_error_line(result) -> str:
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("retmask: error:")]
-    assert len(errors) == 1, result.stderr
-    return errors[0]
 
 
 def top(scores: HeadScores, k: int) -> list[str]:
@@ -176,12 +161,12 @@ def test_detect_summary_json_carries_the_preflight_report(tmp_path):
 
 
 def test_detect_command_prints_the_preflight_report(tmp_path, monkeypatch, capsys):
-    import retrieval_heads.detect
+    import jobs.detect
     from jobs.cli import detect
 
-    monkeypatch.setattr(retrieval_heads.detect, "detect", lambda config, out: HeadScores.load(DATA / "wu_tiny.json"))
-    detect(model="tiny", out=str(tmp_path), lengths="500", depths="0.5", needles=1, max_new_tokens=8,
-           dtype="float32", device="cpu", chat_template_kwargs=None)
+    monkeypatch.setattr(jobs.detect, "run", lambda config, out: HeadScores.load(DATA / "wu_tiny.json"))
+    detect(config=None, out=str(tmp_path), model="tiny", lengths="500", depths="0.5", num_needles=1,
+           max_new_tokens=8)
     printed = capsys.readouterr().out
     assert "pre-flight" in printed and "counted trials per head 3 (min)" in printed and "warning:" in printed
 
@@ -211,7 +196,7 @@ def test_cli_import_takes_the_shape_from_model_config(tmp_path):
 def test_cli_unknown_format_is_one_line_exit_1(tmp_path):
     out = str(tmp_path / "x.json")
     result = retmask("heads", "import", str(DATA / "wu_tiny.json"), "--format", "headkv", "--out", out)
-    line = one_error_line(result)
+    line = assert_user_error(result)
     assert "unknown head-score format 'headkv'" in line and "duoattention, qrhead, wu" in line
     assert not (tmp_path / "x.json").exists()
 

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+from support import tiny_llama
 
 from retrieval_heads.errors import RetmaskError
 from retrieval_heads.masking import HeadMask, masked, output_projections, zero_heads_in_place
-from retrieval_heads.models import shape_of, tiny_llama
+from retrieval_heads.models import shape_of
 
 
 def logits(model, ids):
@@ -62,7 +63,8 @@ def test_gqa_masks_one_query_head_and_keeps_shared_kv(tiny_model):
     o_proj = output_projections(static)[0].weight
     assert torch.count_nonzero(o_proj[:, : shape.head_dim]) == 0
     assert torch.count_nonzero(o_proj[:, shape.head_dim : 2 * shape.head_dim]) > 0
-    assert torch.equal(static.model.layers[0].self_attn.k_proj.weight, tiny_model.model.layers[0].self_attn.k_proj.weight)
+    k_proj = static.model.layers[0].self_attn.k_proj.weight
+    assert torch.equal(k_proj, tiny_model.model.layers[0].self_attn.k_proj.weight)
 
 
 def test_mask_spec_parses_and_has_a_stable_id(tiny_model):

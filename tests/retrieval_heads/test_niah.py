@@ -9,7 +9,7 @@ from retrieval_heads.niah import (
     builtin_haystack,
     builtin_needles,
     check_fits,
-    insert_needle,
+    insert_needles,
     sentence_boundaries,
 )
 
@@ -44,12 +44,29 @@ def test_builtin_text_ships_with_the_package_and_hides_no_answer():
 @pytest.mark.parametrize("depth", [0.0, 0.1, 0.33, 0.5, 0.9, 1.0])
 def test_needle_lands_on_a_sentence_boundary_at_the_requested_depth(depth):
     context = builtin_haystack()[:5000]
-    text, at = insert_needle(context, "NEEDLE SENTENCE.", depth)
+    text, (at,) = insert_needles(context, ["NEEDLE SENTENCE."], [depth])
     assert text[at:].startswith("NEEDLE SENTENCE.")
     assert at - (1 if at else 0) in sentence_boundaries(context) or at in sentence_boundaries(context)
     assert abs(at / len(context) - depth) < 0.05
     if depth > 0.05:
         assert at > 0  # the reference code's token-id heuristic puts it at 0 for Llama-3/Qwen3 tokenizers
+
+
+def test_many_needles_keep_their_order_and_depth_and_never_touch_the_text():
+    context = builtin_haystack()[: sentence_boundaries(builtin_haystack())[40]].rstrip()  # ends with a full stop
+    needles = ["FIRST AT THE START.", "SECOND AT THE START.", "MIDDLE.", "LAST AT THE END."]
+    text, starts = insert_needles(context, needles, [0.0, 0.0, 0.5, 1.0])
+    assert [text[s:].startswith(n) for s, n in zip(starts, needles)] == [True] * 4
+    assert starts == sorted(starts)  # same boundary: the order given
+    assert text.startswith("FIRST AT THE START. SECOND AT THE START. ") and text.endswith(". LAST AT THE END.")
+    # Depths are measured on the needle-free context: removing the needles gives it back, spacing included.
+    bare = text
+    for needle in needles:
+        bare = bare.replace(needle + " ", "", 1) if needle + " " in bare else bare.replace(" " + needle, "", 1)
+    assert bare == context
+    assert abs((starts[2] - len("FIRST AT THE START. SECOND AT THE START. ")) / len(context) - 0.5) < 0.05
+    with pytest.raises(RetmaskError, match="between 0 and 1"):
+        insert_needles(context, ["X."], [1.5])
 
 
 @pytest.mark.parametrize("tokenizer_name", ["smol_tokenizer", "bpe_tokenizer"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pairs_fixtures import VARIANTS, crafted_rows, write_shards
+from support import VARIANTS, crafted_rows, tiny_llama, write_shards
 
 
 @pytest.fixture(autouse=True)
@@ -38,8 +38,6 @@ def crafted_pairs_dir(tmp_path_factory, tiny_checkpoint) -> Path:
 def tiny_checkpoint(tmp_path_factory, embedded_model_path) -> str:
     """A 2-layer random Llama saved with the embedded tokenizer (vocab 49152), so it trains in seconds."""
     from transformers import AutoTokenizer
-
-    from retrieval_heads.models import tiny_llama
 
     path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
     model = tiny_llama(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, vocab_size=49152)

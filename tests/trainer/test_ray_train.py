@@ -3,22 +3,19 @@
 import json
 
 import pytest
+from support import local_ray_cluster
 
 from trainer.config import TrainConfig
 
 
 @pytest.fixture
-def local_ray(tmp_path_factory):
-    ray = pytest.importorskip("ray")
-    # address="local": a fresh cluster of our own, never one another job on this machine started
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
-    yield
-    ray.shutdown()
+def local_ray():
+    with local_ray_cluster(runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}}):
+        yield
 
 
-@pytest.mark.slow
-def test_two_ray_workers_train_and_report_a_loadable_checkpoint(local_ray, crafted_pairs_dir, tiny_checkpoint, tmp_path):
+def test_two_ray_workers_train_and_report_a_loadable_checkpoint(local_ray, crafted_pairs_dir, tiny_checkpoint,
+                                                                tmp_path):
     from transformers import AutoModelForCausalLM
 
     from trainer.ray_train import train_on_ray

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from retrieval_heads.config import from_mapping
 from retrieval_heads.errors import RetmaskError
 from trainer.config import PRESETS, TrainConfig
 
@@ -17,6 +18,11 @@ def test_paper_preset_is_the_retmask_recipe():
     assert (c.weight_decay, c.adam_beta2, c.num_train_epochs, c.pairs_per_step) == (0.1, 0.95, 2.0, 512)
     assert (c.beta, c.loss_type, c.max_length, c.bf16, c.gradient_checkpointing, c.lora) == (
         0.1, "sigmoid", 1024, True, True, False)
+
+
+def test_the_dataclass_defaults_are_the_paper_preset_and_the_default_preset():
+    assert TrainConfig() == TrainConfig.from_preset("paper") == TrainConfig.load()
+    assert TrainConfig.load(preset="demo") == TrainConfig.from_preset("demo")
 
 
 def test_pairs_per_step_fixes_accumulation_for_any_world_size():
@@ -32,7 +38,8 @@ def test_paper_preset_becomes_the_trl_config():
     assert args.lr_scheduler_kwargs == {"min_lr": 5e-8}
     assert args.warmup_steps == 0.1  # a ratio: transformers 5 reads floats below 1 as one
     assert (args.adam_beta2, args.weight_decay, args.beta, args.loss_type) == (0.95, 0.1, 0.1, ["sigmoid"])
-    assert (args.max_length, args.truncation_mode, args.bf16, args.gradient_checkpointing) == (1024, "keep_start", True, True)
+    assert (args.max_length, args.truncation_mode, args.bf16, args.gradient_checkpointing) == (
+        1024, "keep_start", True, True)
     assert args.eval_on_start is True
     assert TrainConfig.from_preset("paper").to_dpo_config(4, resuming=True).eval_on_start is False
 
@@ -55,7 +62,8 @@ def test_shipped_yaml_matches_its_preset_field_for_field(name):
     # every field is spelled out in the YAML
     import yaml
 
-    assert set(yaml.safe_load((CONFIGS / f"train_{name}.yaml").read_text())) == {f.name for f in dataclasses.fields(TrainConfig)}
+    keys = set(yaml.safe_load((CONFIGS / f"train_{name}.yaml").read_text()))
+    assert keys == {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def test_overrides_win_over_yaml_and_none_means_unset(tmp_path):
@@ -68,7 +76,7 @@ def test_overrides_win_over_yaml_and_none_means_unset(tmp_path):
 
 
 def test_bad_fields_and_values_are_one_line_errors(tmp_path):
-    with pytest.raises(RetmaskError, match=r"unknown TrainConfig field\(s\) \['lr'\]"):
+    with pytest.raises(RetmaskError, match=r"overrides: unknown TrainConfig field lr; valid fields: "):
         TrainConfig.from_preset("demo", lr=1.0)
     with pytest.raises(RetmaskError, match="unknown preset 'fast'"):
         TrainConfig.from_preset("fast")
@@ -84,7 +92,7 @@ def test_bad_fields_and_values_are_one_line_errors(tmp_path):
 def test_config_round_trips_through_dict_and_yaml(tmp_path):
     c = TrainConfig.from_preset("demo", lora=True, lora_target_modules="q_proj,v_proj")
     assert c.lora_target_modules == ["q_proj", "v_proj"]
-    assert TrainConfig.from_dict(c.to_dict()) == c
+    assert from_mapping(TrainConfig, c.to_dict()) == c
     (tmp_path / "c.yaml").write_text(c.to_yaml())
     assert TrainConfig.from_yaml(tmp_path / "c.yaml") == c
 
@@ -133,7 +141,7 @@ def test_cli_style_string_overrides_are_converted_or_refused_naming_the_field():
     with pytest.raises(RetmaskError, match=r"overrides: max_steps must be an integer \(e.g. 16\), got '3.5'"):
         TrainConfig.from_preset("demo", max_steps="3.5")
     with pytest.raises(RetmaskError, match=r"config: beta must be a number"):
-        TrainConfig.from_dict({**TrainConfig.from_preset("demo").to_dict(), "beta": "strong"})
+        from_mapping(TrainConfig, {**TrainConfig.from_preset("demo").to_dict(), "beta": "strong"}, "config")
 
 
 def test_off_policy_training_is_opt_in():

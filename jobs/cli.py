@@ -15,8 +15,10 @@ import typer
 
 from jobs.demo import DemoConfig
 from jobs.generate import PlanTarget
+from jobs.study import StudyConfig
 from jobs.train import RayWorkers
 from pipeline.evaluation.config import EvalConfig
+from pipeline.export import ExportConfig
 from pipeline.generate import GenerateConfig
 from retrieval_heads.ablation import AblationConfig
 from retrieval_heads.config import cli_options, load_config
@@ -130,26 +132,22 @@ def plan_cmd(config: str = _config_option("GenerateConfig", "jobs/configs/genera
 
 
 @cli.command("export-pairs")
+@cli_options(ExportConfig)
 def export_pairs_cmd(
     out: str = typer.Argument(..., help="output directory or URI of `retmask generate`"),
     to: str = typer.Option(..., "--to", help="local directory for the dataset (new or empty)"),
-    chosen: str = typer.Option("normal", help="variant of the chosen answers"),
-    rejected: str = typer.Option("retrieval_masked", help="variant of the rejected answers"),
-    fmt: str = typer.Option("parquet", "--format", help="parquet | jsonl"),
-    text: bool = typer.Option(False, "--text", help="also write plain-text pairs (config `text`, LLaMA-Factory)"),
-    keep_truncated: bool = typer.Option(False, "--keep-truncated", help="keep pairs that hit the token limit"),
-    max_tokens: int = typer.Option(None, help="drop pairs with a response longer than this many tokens"),
-    test_fraction: float = typer.Option(0.0, help="share held out as split `test` (prompt-id hash, like train)"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty --to directory (a previous export)"),
+    config: str = _config_option("ExportConfig", "jobs/configs/export_pairs.yaml"), *, overrides: dict,
 ):
     """Write the filtered pairs as a preference dataset for TRL, OpenRLHF, LLaMA-Factory or the Hub."""
     from pipeline.export import export_pairs
 
-    s = export_pairs(out, to, chosen=chosen, rejected=rejected, fmt=fmt, drop_truncated=not keep_truncated,
-                     max_tokens=max_tokens, text=text, test_fraction=test_fraction, overwrite=overwrite)
+    cfg = load_config(ExportConfig, config, **overrides)
+    s = export_pairs(out, to, chosen=cfg.chosen, rejected=cfg.rejected, fmt=cfg.format,
+                     drop_truncated=not cfg.keep_truncated, max_tokens=cfg.max_tokens, text=cfg.text,
+                     test_fraction=cfg.test_fraction, overwrite=cfg.overwrite)
     removed = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in s["removed"].items())
     splits = ", ".join(f"{s[name]} {name}" for name in ("train", "test") if name in s)
-    print(f"{s['kept']} {chosen}/{rejected} pairs ({splits}) of {s['rows']} rows; removed: {removed}")
+    print(f"{s['kept']} {cfg.chosen}/{cfg.rejected} pairs ({splits}) of {s['rows']} rows; removed: {removed}")
     print(f"wrote {to} (README.md has the provenance; load it: datasets.load_dataset({to!r}))")
 
 
@@ -210,6 +208,16 @@ def demo(config: str = _config_option("DemoConfig", "jobs/configs/demo_run.yaml"
     from jobs.demo import run_demo
 
     print(f"report: {run_demo(load_config(DemoConfig, config, **overrides))}")
+
+
+@cli.command()
+@cli_options(StudyConfig)
+def study(config: str = _config_option("StudyConfig", "jobs/configs/study.yaml, the pre-registered study"), *,
+          overrides: dict):
+    """The pre-registered RetMask vs control study (docs/STUDY.md); writes OUT/RESULTS.md. Rerun to resume."""
+    from jobs.study import run
+
+    print(f"results: {run(load_config(StudyConfig, config, **overrides))}")
 
 
 def _heads_app() -> typer.Typer:

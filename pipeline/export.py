@@ -25,11 +25,13 @@ import logging
 import os
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from retrieval_heads.config import opt
 from retrieval_heads.errors import RetmaskError, redact
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,20 @@ CONVERSATIONAL = pa.schema([("prompt_id", pa.string()), ("prompt", _MESSAGES), (
 TEXT = pa.schema([("prompt_id", pa.string()), ("prompt", pa.string()), ("chosen", pa.string()),
                   ("rejected", pa.string())])
 LLAMA_FACTORY_NAME = "retmask_pairs"
+
+
+@dataclass
+class ExportConfig:
+    """Which pairs ``retmask export-pairs`` writes and how; ``jobs/configs/export_pairs.yaml`` maps 1:1."""
+
+    chosen: str = opt("normal", "variant of the chosen answers")
+    rejected: str = opt("retrieval_masked", "variant of the rejected answers")
+    format: str = opt("parquet", "parquet | jsonl")
+    text: bool = opt(False, "also write plain-text pairs (config `text`, LLaMA-Factory)")
+    keep_truncated: bool = opt(False, "keep pairs that hit the token limit (dropped by default, as the trainer does)")
+    max_tokens: int | None = opt(None, "drop pairs with a response longer than this many tokens")
+    test_fraction: float = opt(0.0, "share held out as split `test` (prompt-id hash, like train)")
+    overwrite: bool = opt(False, "replace a non-empty destination directory (a previous export)")
 
 
 def export_pairs(

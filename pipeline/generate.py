@@ -57,7 +57,9 @@ class GenerateConfig:
     model: str = opt(EMBEDDED_ALIAS, "alias, local checkpoint or hub id")
     prompts_source: str = opt("builtin", "jsonl | parquet | hf_dataset | lmsys | builtin")
     prompts: str | None = opt(None, "file or directory of the prompt source")
-    prompt_options: dict = opt({}, "source options, e.g. text_field, id_field, split")
+    prompt_options: dict = opt({}, "source options, e.g. text_field, id_field, split; for any source, repeats: N "
+                               "uses each prompt N times in a row, copy k under id '<id>~k' (its own seed); "
+                               "max_prompts counts the copies")
     max_prompts: int | None = opt(None, "use the first N valid prompts (counting committed ones)")
     scores: str = opt("runs/detect/head_scores.json", "head scores (Wu JSON) from `retmask detect` on this model")
     selection: str = opt("threshold", "threshold (mean score >= threshold) | top_k")

@@ -315,8 +315,7 @@ def _prompts(report, config, files: str, max_rows: int | None):
                               **config.prompt_options)
         complete = True
         for _ in stream:
-            read = stream.num_prompts + sum(stream.reject_counts.values())
-            if max_rows is not None and read >= max_rows:
+            if max_rows is not None and stream.num_rows >= max_rows:
                 complete = False
                 break
     except RetmaskError as err:
@@ -324,11 +323,12 @@ def _prompts(report, config, files: str, max_rows: int | None):
         return tokenizer
     finally:
         quiet.setLevel(level)
-    read = stream.num_prompts + sum(stream.reject_counts.values())
+    read = stream.num_rows  # source rows; a row yields `repeats` prompt instances, which generate and max_prompts count
     report.values.update(rows=read, usable=stream.num_prompts, rejects=dict(stream.reject_counts))
     report.add(s, f"rows read: {read:,} ({'the whole source' if complete else 'stopped at the cap'})")
     capped = f" (max_prompts {config.max_prompts} caps the run)" if config.max_prompts is not None else ""
-    report.add(s, f"usable prompts: {stream.num_prompts:,}{capped}")
+    repeated = f" ({stream.repeats} uses of each valid row: prompt_options.repeats)" if stream.repeats > 1 else ""
+    report.add(s, f"usable prompts: {stream.num_prompts:,}{repeated}{capped}")
     rejected = ", ".join(f"{n:,} {kind}" for kind, n in sorted(stream.reject_counts.items())) or "none"
     report.add(s, f"rejected: {rejected}")
     if stream.num_prompts == 0:

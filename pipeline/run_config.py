@@ -26,6 +26,9 @@ SELECTIONS = ("threshold", "top_k")
 
 def check_config(config: GenerateConfig) -> None:
     """Refuse settings no run can honour, each in one line naming the field."""
+    from pipeline.prompts import check_repeats
+
+    check_repeats(config.prompt_options.get("repeats", 1))  # before the output directory exists
     variants = config.variants
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants or variants[0] != "normal" or len(set(variants)) != len(variants):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,9 +48,16 @@ class Pairs:
     stats: dict = field(default_factory=dict)
 
 
+_COPY = re.compile(r"~\d+$")  # the copy suffix of pipeline.prompts.REPEAT_SEP
+
+
 def eval_bucket(prompt_id: str) -> float:
-    """A prompt id's fixed position in [0, 1): ids below ``eval_fraction`` are held out."""
-    digest = hashlib.sha256(f"retmask-split:{prompt_id}".encode()).digest()
+    """A prompt id's fixed position in [0, 1): ids below ``eval_fraction`` are held out.
+
+    Copies of one prompt (``prompt_options.repeats``: ids ``<id>~1``, ``<id>~2``, ...) share their base id's
+    position, so a prompt is never trained on under one id and held out under another.
+    """
+    digest = hashlib.sha256(f"retmask-split:{_COPY.sub('', prompt_id)}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 

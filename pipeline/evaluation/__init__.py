@@ -9,6 +9,7 @@ x length, with 95% bootstrap intervals for each checkpoint and for its paired di
     tasks.py       the task registry and the sample makers (and RULER's string-match scoring)
     fitting.py     a task's draft fitted to a token length in the model's chat template: the suite
     statistics.py  stratified, paired bootstrap over the suite
+    calibration.py the study's cell selection from a base-model calibration run (docs/STUDY.md)
     config.py      EvalConfig
     run.py         one vLLM engine per checkpoint, the scores and the results dict
     report.py      results.json, results.md, samples.jsonl and the plots

@@ -19,6 +19,8 @@ class EvalConfig:
     models: dict[str, str] = opt({"base": EMBEDDED_ALIAS}, "name -> alias, checkpoint dir or hub id; first = baseline")
     tasks: tuple[str, ...] = opt(tuple(TASKS), "eval task names, registered in pipeline.evaluation.tasks")
     lengths: tuple[int, ...] = opt(DEFAULT_LENGTHS, "prompt lengths in tokens of the baseline's tokenizer")
+    cells: list[str] | None = opt(None, "explicit task@length cells (e.g. niah_multikey@2000), in this order, "
+                                  "instead of the tasks x lengths grid; None = the grid")
     samples_per_cell: int = opt(SAMPLES_PER_CELL, "samples per task x length; 20 resolves a 5-point paired change "
                                 "(pipeline.evaluation.statistics)")
     seed: int = opt(0, "suite seed: same seed, same samples")

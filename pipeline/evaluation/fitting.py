@@ -7,7 +7,9 @@ embedded tokenizer) below it. Needles go at the sentence boundary nearest their 
 
 Sample ``i`` of a cell comes from ``random.Random(f"{seed}/{task}/{length}/{i}")``, so it never depends on
 which other tasks or lengths were asked for, and every checkpoint sees the same samples (the paired design
-of ``pipeline.evaluation.statistics``).
+of ``pipeline.evaluation.statistics``). The target's depth, ``i / (samples_per_cell - 1)``, depends only on the
+cell's own sample count. So a suite of explicit cells (``cells=["niah_multikey@2000", ...]``, what the study's
+calibration selects) holds exactly the samples the full grid holds for those cells, in any order or company.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import bisect
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pipeline.evaluation.tasks import TASKS, Draft, get_task
@@ -110,6 +113,36 @@ def _fit(draft: Draft, source: _Source, length: int, count: PromptCounter,
     raise RetmaskError(f"length {length} is too short for task {task}; use longer lengths")
 
 
+def format_cell(task: str, length: int) -> str:
+    """The ``task@length`` spelling of a cell (``EvalConfig.cells``, ``--cells``)."""
+    return f"{task}@{length}"
+
+
+def parse_cells(cells: Sequence[str | tuple[str, int]]) -> list[tuple[str, int]]:
+    """``["task@length", ...]`` (or ``(task, length)`` pairs) -> ``[(task, length), ...]`` in the given order;
+    an empty list, a malformed or repeated cell, an unknown task or a length below 1 is a one-line error."""
+    if not cells:
+        raise RetmaskError("cells is empty; list task@length cells (e.g. niah_multikey@2000) or leave cells unset "
+                           "for the full tasks x lengths grid")
+    parsed: list[tuple[str, int]] = []
+    for cell in cells:
+        text = format_cell(*cell) if isinstance(cell, tuple) else str(cell)
+        task, sep, length = (part.strip() for part in text.partition("@"))
+        if not sep or not task or not re.fullmatch(r"\d+", length):
+            raise RetmaskError(f"cell {text!r} is not task@length (e.g. niah_multikey@2000); fix the cells option")
+        if int(length) < 1:
+            raise RetmaskError(f"cell {text!r} has length {length}; a length is a number of tokens >= 1; "
+                               "fix the cells option")
+        try:
+            get_task(task, option="cells")
+        except RetmaskError as err:
+            raise RetmaskError(f"cell {text!r}: {err}") from None
+        if (task, int(length)) in parsed:
+            raise RetmaskError(f"cell {text!r} is listed twice; list every cell once in the cells option")
+        parsed.append((task, int(length)))
+    return parsed
+
+
 def build_suite(
     tokenizer,
     tasks: tuple[str, ...] = tuple(TASKS),
@@ -119,33 +152,41 @@ def build_suite(
     max_context: int | None = None,
     chat_template_kwargs: dict | None = None,
     max_tokens: int | None = None,
+    cells: Sequence[str | tuple[str, int]] | None = None,
 ) -> list[EvalSample]:
-    """All samples, task by task, length by length; ``max_tokens`` overrides every task's answer budget."""
-    chosen = [get_task(name) for name in tasks]
-    if samples_per_cell < 1 or not lengths:
-        raise RetmaskError("need at least one length and one sample per cell")
-    for task in chosen:
-        budget = max_tokens or task.max_tokens
-        too_long = [n for n in lengths if max_context and n + budget > max_context]
+    """All samples, cell by cell: the grid ``tasks`` x ``lengths`` (task by task, length by length), or exactly
+    ``cells`` (``task@length``, in their order; ``tasks`` and ``lengths`` are then unused). ``max_tokens``
+    overrides every task's answer budget."""
+    if cells is None:
+        chosen = [get_task(name) for name in tasks]
+        if samples_per_cell < 1 or not lengths:
+            raise RetmaskError("need at least one length and one sample per cell")
+        grid = [(task, length) for task in chosen for length in lengths]
+    else:
+        grid = [(get_task(name), length) for name, length in parse_cells(cells)]
+        if samples_per_cell < 1:
+            raise RetmaskError("need at least one sample per cell")
+    for name in dict.fromkeys(task.name for task, _ in grid):
+        budget = max_tokens or get_task(name).max_tokens
+        too_long = [n for task, n in grid if task.name == name and max_context and n + budget > max_context]
         if too_long:
-            raise RetmaskError(f"length {max(too_long)} + {budget} answer tokens ({task.name}) exceeds the model's "
+            raise RetmaskError(f"length {max(too_long)} + {budget} answer tokens ({name}) exceeds the model's "
                                f"context of {max_context} tokens; use lengths <= {max_context - budget}")
     count = PromptCounter(tokenizer, chat_template_kwargs)
-    essays = _essays(tokenizer, max(lengths))
+    essays = _essays(tokenizer, max((n for _, n in grid), default=0))
     samples = []
-    for task in chosen:
-        for length in lengths:
-            for i in range(samples_per_cell):
-                rng = random.Random(f"{seed}/{task.name}/{length}/{i}")  # str seeds are stable across processes
-                draft = task.make(rng, i / (samples_per_cell - 1) if samples_per_cell > 1 else 0.5)
-                # A list line is >= 4 tokens, so length // 4 + 1 lines are always enough.
-                source = essays if draft.lines is None else _lines(tokenizer, draft.lines(length // 4 + 1))
-                prompt, span, tokens = _fit(draft, source, length, count, task.name)
-                answers = draft.answers
-                if draft.lines is not None:
-                    answers = _most_common(prompt[span[0]: span[1]], draft.answers)
-                samples.append(EvalSample(f"{task.name}/{length}/{i}", task.name, length, prompt, answers,
-                                          draft.needles, draft.depths, tokens, span, max_tokens or task.max_tokens))
+    for task, length in grid:
+        for i in range(samples_per_cell):
+            rng = random.Random(f"{seed}/{task.name}/{length}/{i}")  # str seeds are stable across processes
+            draft = task.make(rng, i / (samples_per_cell - 1) if samples_per_cell > 1 else 0.5)
+            # A list line is >= 4 tokens, so length // 4 + 1 lines are always enough.
+            source = essays if draft.lines is None else _lines(tokenizer, draft.lines(length // 4 + 1))
+            prompt, span, tokens = _fit(draft, source, length, count, task.name)
+            answers = draft.answers
+            if draft.lines is not None:
+                answers = _most_common(prompt[span[0]: span[1]], draft.answers)
+            samples.append(EvalSample(f"{task.name}/{length}/{i}", task.name, length, prompt, answers,
+                                      draft.needles, draft.depths, tokens, span, max_tokens or task.max_tokens))
     return samples
 
 

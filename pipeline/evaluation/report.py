@@ -55,11 +55,15 @@ def markdown(results: dict) -> str:
     """Task x length table per checkpoint, overall with 95% CI, paired differences, perplexity."""
     names = list(results["checkpoints"])
     suite = results["suite"]
+    shape = f"{len(suite['tasks'])} tasks x {len(suite['lengths'])} lengths"
+    cells = suite.get("cells")  # absent from results written before explicit cells existed
+    if cells and len(cells) != len(suite["tasks"]) * len(suite["lengths"]):
+        shape = f"{len(cells)} cells ({', '.join(cells)})"
     lines = [
         "# Long-context evaluation",
         "",
-        f"{suite['num_samples']} samples per checkpoint: {len(suite['tasks'])} tasks x {len(suite['lengths'])} "
-        f"lengths x {suite['samples_per_cell']} (seed {suite['seed']}), greedy decoding. Scores in points (0-100, "
+        f"{suite['num_samples']} samples per checkpoint: {shape} x {suite['samples_per_cell']} "
+        f"(seed {suite['seed']}), greedy decoding. Scores in points (0-100, "
         "string-match recall); brackets: 95% bootstrap intervals. Baseline: " + names[0]
         + f". Every checkpoint runs in {results.get('dtype', 'its own dtype')}.",
         "",

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.evaluation.config import EvalConfig
-from pipeline.evaluation.fitting import EvalSample, build_suite
+from pipeline.evaluation.fitting import EvalSample, build_suite, format_cell, parse_cells
 from pipeline.evaluation.statistics import cell_groups, summarize
 from pipeline.evaluation.tasks import get_task
 from retrieval_heads.errors import RetmaskError
@@ -48,17 +48,22 @@ def build_plan(config: EvalConfig) -> EvalPlan:
 
     if not config.models:
         raise RetmaskError("no models to evaluate; pass at least one name=path")
-    for name in config.tasks:  # a misspelt task is refused before any model is fetched
-        get_task(name)
+    if config.cells is not None:  # a bad cell or misspelt task is refused before any model is fetched
+        parse_cells(config.cells)
+    else:
+        for name in config.tasks:
+            get_task(name)
     paths = {name: resolve_model(model) for name, model in config.models.items()}
     context = min(model_shape(p).max_position_embeddings or 10**9 for p in paths.values())
     tokenizer = AutoTokenizer.from_pretrained(next(iter(paths.values())))
     samples = build_suite(tokenizer, tuple(config.tasks), tuple(config.lengths), config.samples_per_cell,
-                          config.seed, context, config.engine.chat_template_kwargs, config.max_tokens)
+                          config.seed, context, config.engine.chat_template_kwargs, config.max_tokens, config.cells)
     # Room for the longest request (and for the perplexity dialogues, a few hundred tokens each).
     max_model_len = min(max(1024, max(s.num_tokens + s.max_tokens for s in samples)), context)
-    log.info("eval suite: %d samples (%d tasks x %d lengths x %d), max_model_len %d", len(samples),
-             len(config.tasks), len(config.lengths), config.samples_per_cell, max_model_len)
+    shape = (f"{len(config.tasks)} tasks x {len(config.lengths)} lengths" if config.cells is None
+             else f"{len(config.cells)} cells")
+    log.info("eval suite: %d samples (%s x %d), max_model_len %d", len(samples), shape, config.samples_per_cell,
+             max_model_len)
     dtype = common_dtype(list(paths.values())) if config.engine.dtype == "auto" else config.engine.dtype
     log.info("every checkpoint runs in %s", dtype)
     return EvalPlan(paths, samples, max_model_len, dtype)
@@ -76,8 +81,7 @@ def evaluate(config: EvalConfig, plan: EvalPlan) -> dict:
     return {
         "config": _jsonable(dataclasses.asdict(config)),
         "models": {n: {"path": plan.paths[n], **_model_id(plan.paths[n])} for n in names},
-        "suite": {"num_samples": len(samples), "tasks": list(config.tasks), "lengths": list(config.lengths),
-                  "samples_per_cell": config.samples_per_cell, "seed": config.seed},
+        "suite": _suite(config, samples, cells),
         **summarize(scores, names, cells, groups, config.bootstrap, config.seed),
         "dtype": plan.dtype,
         "perplexity": {n: runs[n]["perplexity"] for n in names},
@@ -86,6 +90,16 @@ def evaluate(config: EvalConfig, plan: EvalPlan) -> dict:
                     for i, s in enumerate(samples)],
         "packages": package_versions(),
     }
+
+
+def _suite(config: EvalConfig, samples: list[EvalSample], cells: list[tuple[str, int]]) -> dict:
+    """The suite's shape: its tasks, lengths and cells (``task@length``, in suite order)."""
+    tasks, lengths = list(config.tasks), list(config.lengths)
+    if config.cells is not None:  # explicit cells: the tasks and lengths they hold, in order of appearance
+        tasks, lengths = list(dict.fromkeys(t for t, _ in cells)), sorted({n for _, n in cells})
+    return {"num_samples": len(samples), "tasks": tasks, "lengths": lengths,
+            "cells": [format_cell(t, n) for t, n in cells], "samples_per_cell": config.samples_per_cell,
+            "seed": config.seed}
 
 
 def common_dtype(paths: list[str]) -> str:

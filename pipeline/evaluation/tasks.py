@@ -83,13 +83,14 @@ def register_task(name: str, max_tokens: int, score=recall):
     return add
 
 
-def get_task(name: str) -> Task:
-    """The registered task ``name``; an unknown name is a user error that suggests the nearest valid one."""
+def get_task(name: str, option: str = "tasks") -> Task:
+    """The registered task ``name``; an unknown name is a user error that suggests the nearest valid one and
+    names the ``option`` to fix."""
     if name in TASKS:
         return TASKS[name]
     close = difflib.get_close_matches(name, list(TASKS), n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
-    raise RetmaskError(f"unknown eval task {name!r}{hint}; valid tasks: {', '.join(TASKS)}; fix the tasks option")
+    raise RetmaskError(f"unknown eval task {name!r}{hint}; valid tasks: {', '.join(TASKS)}; fix the {option} option")
 
 
 # --- vocabulary ---

@@ -11,8 +11,10 @@ import yaml
 from jobs.cli import cli
 from jobs.demo import DemoConfig
 from jobs.generate import PlanTarget
+from jobs.study import StudyConfig
 from jobs.train import RayWorkers
 from pipeline.evaluation.config import EvalConfig
+from pipeline.export import ExportConfig
 from pipeline.generate import GenerateConfig
 from retrieval_heads.ablation import AblationConfig
 from retrieval_heads.config import default_of, help_of, load_config, undocumented_fields
@@ -23,13 +25,15 @@ from trainer.config import TrainConfig
 CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 STAGES = {DetectConfig: "detect.yaml", AblationConfig: "ablate.yaml", MaskExportConfig: "export_masked.yaml",
           GenerateConfig: "demo.yaml", TrainConfig: "train_paper.yaml", EvalConfig: "eval.yaml",
-          DemoConfig: "demo_run.yaml", PlanTarget: None, RayWorkers: None}
+          DemoConfig: "demo_run.yaml", PlanTarget: None, RayWorkers: None,
+          StudyConfig: "study.yaml", ExportConfig: "export_pairs.yaml"}
 # YAMLs that spell out the defaults (the others are recipes: a model's generation, the paper's DPO)
-DEFAULTS_YAML = ("detect.yaml", "ablate.yaml", "export_masked.yaml", "eval.yaml", "demo_run.yaml")
+DEFAULTS_YAML = ("detect.yaml", "ablate.yaml", "export_masked.yaml", "eval.yaml", "demo_run.yaml", "study.yaml",
+                 "export_pairs.yaml")
 # options that are not config fields: where to write, which YAML, output format, the eval's model list
-NOT_FIELDS = {"config", "out", "as_json", "models"}
+NOT_FIELDS = {"config", "out", "as_json", "models", "to"}
 # commands whose options are arguments of a library function rather than a stage config
-UNDERIVED = {"fetch-model", "export-pairs", "inspect", "heads"}
+UNDERIVED = {"fetch-model", "inspect", "heads"}
 
 
 @pytest.mark.parametrize("cls", list(STAGES), ids=lambda c: c.__name__)

@@ -370,3 +370,111 @@ def test_an_undecodable_data_file_of_a_streamed_hf_dataset_is_a_user_error(tmp_p
     (d / "train.jsonl").write_bytes(b'{"prompt": "caf\xe9"}\n')
     with pytest.raises(RetmaskError, match=r"cannot read dataset .*files after row 0 \(UnicodeDecodeError"):
         collect(load_prompts("hf_dataset", d))
+
+
+# --- repeats: each prompt used N times under distinct ids (docs/STUDY.md uses every built-in prompt twice) -----
+
+
+def _two_rows_of(source, tmp_path, monkeypatch):
+    """A source of that format holding the prompts ("a", "alpha") and ("b", "beta"), with the options to read it."""
+    rows = [{"id": "a", "prompt": "alpha"}, {"id": "b", "prompt": "beta"}]
+    if source == "builtin":
+        monkeypatch.setattr(prompt_sources, "_builtin_file", lambda: write_jsonl(tmp_path / "prompts.jsonl", rows))
+        return None, {}
+    if source == "jsonl":
+        return write_jsonl(tmp_path / "p.jsonl", rows), {}
+    if source == "parquet":
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+        return tmp_path / "p.parquet", {}
+    if source == "hf_dataset":
+        import datasets
+
+        datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+        return tmp_path / "ds", {}
+    lmsys = [{"conversation_id": r["id"], "conversation": [{"role": "user", "content": r["prompt"]}]} for r in rows]
+    return write_jsonl(tmp_path / "lmsys.jsonl", lmsys), {"id_field": "conversation_id"}
+
+
+def test_repeats_yield_each_prompt_under_distinct_ids_with_distinct_seeds(tmp_path):
+    from pipeline.generate import prompt_seed
+
+    f = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "alpha"}, {"id": "b", "prompt": "beta"}])
+    stream = load_prompts("jsonl", f, batch_size=2, repeats=3)
+    batches = list(stream)
+    got = [p for batch in batches for p in batch]
+    # in a row, the first copy under the source id; batches may split a prompt's copies
+    assert [[p.id for p in b] for b in batches] == [["a", "a~1"], ["a~2", "b"], ["b~1", "b~2"]]
+    assert [p.text for p in got] == ["alpha"] * 3 + ["beta"] * 3
+    assert len({prompt_seed(0, p.id) for p in got}) == 6  # the copies sample independently
+    assert not stream.rejects  # the copies are not duplicates
+    assert (stream.num_rows, stream.num_prompts) == (2, 6)
+
+
+@pytest.mark.parametrize("source", ["builtin", "jsonl", "parquet", "hf_dataset", "lmsys"])
+def test_repeats_work_the_same_for_every_source(source, tmp_path, monkeypatch):
+    path, options = _two_rows_of(source, tmp_path, monkeypatch)
+    got = collect(load_prompts(source, path, repeats=2, **options))
+    assert [(p.id, p.text) for p in got] == [("a", "alpha"), ("a~1", "alpha"), ("b", "beta"), ("b~1", "beta")]
+
+
+def test_repeats_one_is_the_default_and_changes_nothing(tmp_path):
+    f = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "alpha"}, {"id": "b", "prompt": "beta"}])
+    assert collect(load_prompts("jsonl", f, repeats=1)) == collect(load_prompts("jsonl", f))
+    assert [p.id for p in collect(load_prompts("jsonl", f))] == ["a", "b"]
+
+
+def test_repeats_count_toward_max_prompts(tmp_path):
+    from pipeline.generate import _limited, _Rejects, prompt_seed
+
+    f = write_jsonl(tmp_path / "p.jsonl", [{"id": p, "prompt": p * 3} for p in "abc"])
+    stream = load_prompts("jsonl", f, batch_size=2, repeats=2)
+    # what generate sends to the engines under max_prompts 3: instances, copies included
+    sent = [row for batch in _limited(stream, 3, _Rejects(None, False), 0) for row in batch]
+    assert sent == [("a", "aaa", prompt_seed(0, "a")), ("a~1", "aaa", prompt_seed(0, "a~1")),
+                    ("b", "bbb", prompt_seed(0, "b"))]
+
+
+def test_repeats_resume_skips_exactly_the_committed_copies(tmp_path):
+    f = write_jsonl(tmp_path / "p.jsonl", [{"id": p, "prompt": p} for p in "abc"])
+    stream = load_prompts("jsonl", f, repeats=2, skip_ids={"a", "a~1", "b"})
+    assert [p.id for p in collect(stream)] == ["b~1", "c", "c~1"]
+    assert stream.num_skipped == 3 and not stream.rejects
+
+
+def test_a_rejected_row_is_counted_once_and_yields_no_copies(tmp_path):
+    f = write_jsonl(tmp_path / "p.jsonl", [
+        {"id": "a", "prompt": "short"}, {"id": "b", "prompt": "this one is far too long"}, {"id": "c", "prompt": ""},
+        {"id": "a", "prompt": "same id again"}, {"id": "a~1", "prompt": "an id a copy already has"},
+    ])
+    stream = load_prompts("jsonl", f, repeats=3, checks=[token_limit(lambda s: len(s.split()), 3)])
+    assert [p.id for p in collect(stream)] == ["a", "a~1", "a~2"]
+    assert stream.reject_counts == {"too long": 1, "empty text": 1, "duplicate id": 2}
+    assert [r.reason for r in stream.rejects if r.kind == "duplicate id"] == ["duplicate id: a", "duplicate id: a~1"]
+    assert stream.num_rows == 5
+
+
+@pytest.mark.parametrize("bad", [0, -2, "2", 1.5, 2.0, True, None, [2]])
+def test_a_bad_repeats_value_is_one_line_error(bad, tmp_path):
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}])
+    with pytest.raises(RetmaskError, match=r"^prompt_options\.repeats must be a whole number >= 1") as err:
+        load_prompts("jsonl", f, repeats=bad)
+    assert "\n" not in str(err.value) and repr(bad) in str(err.value)
+
+
+def test_plan_counts_each_row_once_and_every_prompt_instance(tmp_path):
+    """`retmask plan` reports source rows and usable prompt instances, as generate and max_prompts count them."""
+    from support import REPO
+
+    from pipeline.generate import GenerateConfig
+    from pipeline.plan import format_plan, plan
+
+    f = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "alpha"}, {"id": "b", "prompt": "beta"}, "{bad"])
+    config = GenerateConfig(model=str(REPO / "tests" / "data" / "configs" / "Llama-3.1-8B-Instruct"),
+                            variants=["normal"], prompts_source="jsonl", prompts=str(f),
+                            prompt_options={"repeats": 2}, out=str(tmp_path / "out"))
+    report = plan(config)
+    assert (report.values["rows"], report.values["usable"]) == (3, 4)
+    assert report.values["rejects"] == {"invalid JSON": 1}
+    assert "usable prompts: 4 (2 uses of each valid row: prompt_options.repeats)" in format_plan(report)
+    config.prompt_options = {"repeats": 0}
+    assert any(p.startswith("prompt source: prompt_options.repeats must be") for p in plan(config).problems)

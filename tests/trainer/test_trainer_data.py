@@ -146,3 +146,11 @@ def test_pairs_digest_follows_the_committed_shards_not_the_path_or_the_sessions(
     writer.write_shard([pair_row("extra", "one more", "generic")])
     grown = load_pairs(out, eval_fraction=0.0).stats
     assert grown["pairs_digest"] != first["pairs_digest"] and grown["shards"] == 2
+
+
+def test_copies_of_a_prompt_fall_on_the_same_side_of_the_held_out_split():
+    # prompt_options.repeats names copies <id>~1, <id>~2: one prompt must not be trained on and held out
+    for pid in ("demo-0001", "p7", "a~b"):
+        assert eval_bucket(f"{pid}~1") == eval_bucket(f"{pid}~12") == eval_bucket(pid)
+    assert eval_bucket("demo-0001") != eval_bucket("demo-0002")
+    assert eval_bucket("x~y") != eval_bucket("x")  # only a numeric copy suffix groups

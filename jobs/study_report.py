@@ -107,13 +107,32 @@ def _heads(out: Path) -> list[str]:
             f"Plot: `{out / 'heads' / 'shift.png'}` (base, each trained model, and each difference).", ""]
 
 
+def _settings(cfg, out: Path) -> list[str]:
+    """Where the run's settings are, and every one that differs from the pre-registered (dataclass) default."""
+    import dataclasses
+
+    import yaml
+
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    (out / "study_config.yaml").write_text(yaml.safe_dump(
+        {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}, sort_keys=False))
+    registered = type(cfg)()
+    changed = [f"`{k}` {getattr(registered, k)!r} -> {v!r}" for k, v in values.items()
+               if k != "out" and v != getattr(registered, k)]
+    lines = [f"Pre-registration: docs/STUDY.md. Model: `{cfg.model}`. Settings of this run: "
+             f"`{out / 'study_config.yaml'}`; command: `retmask study --config FILE` with them (rerun to resume). "
+             f"Outputs of every stage: `{out}/`.", ""]
+    if changed:
+        lines += ["**Not the pre-registered settings** (a pilot, another scale, or a deviation to report): "
+                  + "; ".join(changed) + ".", ""]
+    return lines
+
+
 def write_results(cfg, out: Path, timings: dict) -> Path:
     """RESULTS.md under ``out`` (copy it to docs/RESULTS.md for the record); returns its path."""
     results = json.loads((out / "eval" / "results.json").read_text())
     primary, word = _primary(results, cfg.bootstrap)
-    lines = ["# RetMask vs control: results", "",
-             f"Pre-registration: docs/STUDY.md. Model: `{cfg.model}`. Command: `retmask study --config "
-             "jobs/configs/study.yaml` (rerun to resume). Outputs of every stage: `" + str(out) + "/`.", "",
+    lines = ["# RetMask vs control: results", "", *_settings(cfg, out),
              f"**Result ({word}).**", "", *primary, *_secondary(results, cfg.bootstrap), *_calibration(out),
              *_training(out), *_heads(out), "## Stage timings", "", "| stage | wall time (s) |", "|---|---|"]
     lines += [f"| {name} | {t['seconds']:.0f} |" for name, t in timings.items()]

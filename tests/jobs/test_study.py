@@ -53,3 +53,12 @@ def test_study_follows_the_run_contract(tmp_path):
     assert_user_error(retmask("study", "--config", str(tmp_path / "missing.yaml")), "missing.yaml", "does not exist")
     (tmp_path / "s.yaml").write_text("max_steps: many\n")
     assert_user_error(retmask("study", "--config", str(tmp_path / "s.yaml")), "max_steps")
+
+
+def test_results_name_every_setting_that_is_not_the_pre_registered_one(tmp_path):
+    from jobs.study_report import _settings
+
+    assert not any("Not the pre-registered" in line for line in _settings(StudyConfig(out=str(tmp_path)), tmp_path))
+    text = "\n".join(_settings(StudyConfig(out=str(tmp_path), max_steps=2, repeats=1), tmp_path))
+    assert "Not the pre-registered settings" in text and "`max_steps` 60 -> 2" in text and "`repeats` 2 -> 1" in text
+    assert (tmp_path / "study_config.yaml").exists()

@@ -18,6 +18,27 @@ def verdict(paired: dict, name: str) -> str:
             "distinguishable from noise.")
 
 
+STUDY_RESULTS = Path(__file__).resolve().parents[1] / "docs" / "RESULTS.md"
+
+
+def _study() -> list[str]:
+    """What the powered, pre-registered study found (docs/STUDY.md), so the demo's small number is read next
+    to it."""
+    head = ("What a powered run finds: the pre-registered RetMask vs control study on this model (docs/STUDY.md, "
+            "`retmask study --config jobs/configs/study.yaml`)")
+    if not STUDY_RESULTS.exists():
+        return [head + " reports in docs/RESULTS.md; it has not been run to completion yet."]
+    found = [line for line in STUDY_RESULTS.read_text().splitlines() if line.startswith("Primary outcome")]
+    return [head + ": " + (found[0] if found else "see docs/RESULTS.md.")]
+
+
+def _default_suite() -> str:
+    from pipeline.evaluation.config import EvalConfig
+
+    cfg = EvalConfig()
+    return f"{', '.join(str(n) for n in cfg.lengths)} tokens, {cfg.samples_per_cell} samples per task x length"
+
+
 def _timings(timings: dict) -> list[str]:
     lines = ["## Stage timings", "", "| stage | wall time (s) | peak RSS (GiB) |", "|---|---|---|"]
     lines += [f"| {name} | {t['seconds']:.0f} | {t['peak_rss_gb']:.2f} |" for name, t in timings.items()]
@@ -94,8 +115,9 @@ def _eval(out: Path) -> list[str]:
               "pairs with 2048-token responses on 8B models.", "",
               *("#" + line if line.startswith("#") else line for line in table), "",
               "![by length](eval/scores_by_length.png)", "![overall](eval/overall.png)", "",
-              "Reproduce: `retmask eval --models base=MODEL,retmask=TRAINED/final --out OUT` (default suite: 1K-8K, "
-              "20 samples per task x length); HELMET on a trained checkpoint: see README.", ""]
+              *_study(), "",
+              "Reproduce: `retmask eval --models base=MODEL,retmask=TRAINED/final --out OUT` (default suite: "
+              f"lengths {_default_suite()}); HELMET on a trained checkpoint: see README.", ""]
     return lines
 
 

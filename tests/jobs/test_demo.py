@@ -89,3 +89,12 @@ def test_the_report_never_calls_an_interval_through_zero_a_gain():
     assert "+3.0 points" in verdict(paired, "retmask")
     assert "scores higher" in verdict({"vs": "base", "overall": {"mean": 0.05, "ci": [0.01, 0.09]}}, "retmask")
     assert "scores lower" in verdict({"vs": "base", "overall": {"mean": -0.05, "ci": [-0.09, -0.01]}}, "retmask")
+
+
+def test_the_demo_report_points_to_the_powered_study_and_quotes_its_result(tmp_path, monkeypatch):
+    from jobs import report
+
+    monkeypatch.setattr(report, "STUDY_RESULTS", tmp_path / "RESULTS.md")
+    assert "docs/STUDY.md" in report._study()[0] and "not been run" in report._study()[0]
+    (tmp_path / "RESULTS.md").write_text("# x\n\nPrimary outcome (null): RetMask minus control, +0.4 points.\n")
+    assert report._study()[0].endswith("Primary outcome (null): RetMask minus control, +0.4 points.")

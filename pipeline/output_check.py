@@ -42,7 +42,7 @@ def check_output(report, config, hf_config, masks: dict | None, tokenizer, hub_r
         report.add(s, f"{out}: object store; writing not probed "
                       "(generate proves it at start by writing the manifest)")
     try:
-        manifest = shards._read_manifest(fs, root)
+        manifest = shards.load_manifest(fs, root)
         if manifest is None:
             leftovers = {i.base_name for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))}
             data = fs.get_file_info(pafs.FileSelector(f"{root}/{shards.DATA}", allow_not_found=True))
@@ -101,14 +101,14 @@ def _resume(report, s, out, config, manifest, hf_config, masks, tokenizer, hub_r
         if isinstance(old.get("model"), dict) and "hash" in old["model"]:
             record["hash"] = old["model"]["hash"]
         skipped.append("model.hash (no weights here)")
-    new = shards._normalized(run_config(config, record, masks, hf_config,
+    new = shards.normalized_config(run_config(config, record, masks, hf_config,
                                         tokenizer or SimpleNamespace(chat_template=None)))
     if tokenizer is None:
         new["chat_template"] = old.get("chat_template")
         skipped.append("chat_template (no tokenizer here)")
     try:
-        shards._check_same_run(out, manifest, new, list(config.variants))
-        shards._check_lease(out, manifest.get("writer"))
+        shards.check_same_run(out, manifest, new, list(config.variants))
+        shards.check_lease(out, manifest.get("writer"))
     except RetmaskError as err:
         report.problem(s, f"refused: {err}")
         return

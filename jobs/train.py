@@ -14,7 +14,6 @@ shares. Rerun the same command to resume from the last checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 from dataclasses import dataclass
@@ -34,10 +33,6 @@ class RayWorkers:
     cpus_per_worker: int = opt(1, "CPUs reserved for each Ray worker")
     storage_path: str | None = opt(None, "where Ray persists the final checkpoint: a path every node shares or an "
                                    "s3:// URI (None: <out>/ray)")
-
-    @classmethod
-    def names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
 
 
 def run(config: TrainConfig, ray: RayWorkers | None = None) -> str:

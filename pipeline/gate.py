@@ -12,6 +12,13 @@ with a second server (docs/METHOD.md pitfall 9). Here the same zeros come from a
   buffers, so compiled graphs and CUDA graphs (which hold the buffers' addresses) see the new mask.
   Importing this module in the worker (vLLM resolves the extension class first) registers the loader.
 - Eager runs skip the multiply in layers without masked heads; traced graphs always contain it.
+- Per-request masks: each ``o_proj`` holds a fixed ``[MAX_MASKS, width]`` gate table and all layers share
+  one per-token slot index ``[max_num_batched_tokens]``; the hook multiplies token ``t`` by
+  ``table[index[t]]``. Row 0 is the engine-wide gate (``retmask_gate`` is a view of it, so the switch
+  above keeps working); rows 1.. are filled by ``retmask_register_mask``. Once a mask is registered, the
+  model runner's ``_prepare_inputs`` is wrapped (on this runner instance) to fill the index from each
+  request's ``SamplingParams.extra_args["retmask_mask"]`` before every step; tokens of untagged requests
+  and padding read row 0. Fixed addresses again, so traced graphs and CUDA graphs read each step's index.
 
 The driver side (``pipeline.engine.GatedLLM``) names this module's loader and extension when it builds
 the engine; nothing else imports it.
@@ -22,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from vllm.model_executor.model_loader import BaseModelLoader, get_model_loader, register_model_loader
 
@@ -33,20 +41,37 @@ from retrieval_heads.scores import Head
 
 GATE_LOAD_FORMAT = "retmask_gated"
 GATE_EXTENSION = f"{__name__}.HeadGateExtension"
-GATE_VERSION = 1  # bump when the traced gate changes, so stale compiled graphs are not reused
+GATE_VERSION = 2  # bump when the traced gate changes, so stale compiled graphs are not reused
+MAX_MASKS = 16  # rows of each gate table: row 0 the engine-wide gate, 15 slots for per-request masks
+MASK_ARG = "retmask_mask"  # SamplingParams.extra_args key holding a request's mask slot
+
+
+@dataclass
+class _StepSlots:
+    """The per-token mask slots of the current model step, shared by every layer of one worker."""
+
+    index: torch.Tensor  # [max_num_batched_tokens] int64 on the model's device; fixed address
+    mixed: bool = False  # some token of this step reads a row other than 0 (eager layers check it)
+    filled: int = 0  # leading entries of ``index`` that may be non-zero
 
 
 def _gate_input(module, args):
-    # Traced graphs always multiply (a Python flag would be frozen into them); eager runs skip
-    # layers without masked heads, so the plain model pays only a flag check per layer.
-    if torch.compiler.is_compiling() or module.retmask_active:
-        return (args[0] * module.retmask_gate, *args[1:])
+    # Traced graphs always gather (a Python flag would be frozen into them); eager runs gather only in steps
+    # holding a per-request mask and otherwise skip layers without masked heads, so the plain model pays
+    # only two flag checks per layer.
+    x = args[0]
+    if torch.compiler.is_compiling() or module.retmask_slots.mixed:
+        return (x * module.retmask_table[module.retmask_index[: x.shape[0]]], *args[1:])
+    if module.retmask_active:
+        return (x * module.retmask_gate, *args[1:])
     return None
 
 
-def install_gates(model, shape: ModelShape, tp_size: int, rank: int, dtype, device) -> list:
-    """Give each layer's ``o_proj`` an all-ones input gate and the hook applying it; return the projections."""
+def install_gates(model, shape: ModelShape, tp_size: int, rank: int, dtype, device, max_tokens: int) -> list:
+    """Give each layer's ``o_proj`` an all-ones gate table, the shared slot index and the hook applying them;
+    return the projections (``max_tokens``: the most tokens one model step holds)."""
     width = check_tensor_parallel(shape, tp_size) * shape.head_dim
+    slots = _StepSlots(torch.zeros(max_tokens, dtype=torch.int64, device=device))
     projections = output_projections(model)
     if len(projections) != shape.num_layers:
         raise RetmaskError(f"found {len(projections)} o_proj layers, expected {shape.num_layers}; "
@@ -56,7 +81,11 @@ def install_gates(model, shape: ModelShape, tp_size: int, rank: int, dtype, devi
         if got != width:
             raise RetmaskError(f"o_proj takes {got} input channels on rank {rank}, expected {width}; "
                                f"supported: {SUPPORTED_ARCHITECTURES}")
-        proj.register_buffer("retmask_gate", torch.ones(width, dtype=dtype, device=device), persistent=False)
+        table = torch.ones(MAX_MASKS, width, dtype=dtype, device=device)
+        proj.register_buffer("retmask_table", table, persistent=False)
+        proj.register_buffer("retmask_gate", table[0], persistent=False)  # a view: the engine-wide row
+        proj.register_buffer("retmask_index", slots.index, persistent=False)  # one tensor, every layer
+        proj.retmask_slots = slots
         proj.retmask_active = False
         proj.register_forward_pre_hook(_gate_input)
     return projections
@@ -68,6 +97,8 @@ class _WorkerGates:
     shape: ModelShape
     tp_size: int
     rank: int
+    slots: _StepSlots
+    runner_wrapped: bool = False
 
 
 _WORKER_GATES: _WorkerGates | None = None  # one target model per worker process
@@ -96,8 +127,9 @@ class GatedModelLoader(BaseModelLoader):
             shape = shape_of(model_config.hf_text_config)
             tp_size, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
             device = vllm_config.device_config.device
-            projections = install_gates(model, shape, tp_size, rank, model_config.dtype, device)
-            _WORKER_GATES = _WorkerGates(projections, shape, tp_size, rank)
+            max_tokens = vllm_config.scheduler_config.max_num_batched_tokens  # the runner's max_num_tokens
+            projections = install_gates(model, shape, tp_size, rank, model_config.dtype, device, max_tokens)
+            _WORKER_GATES = _WorkerGates(projections, shape, tp_size, rank, projections[0].retmask_slots)
         return model
 
 
@@ -105,15 +137,24 @@ class HeadGateExtension:
     """vLLM worker extension: ``collective_rpc`` methods that switch and report the head gate."""
 
     def retmask_set_heads(self, heads: list[Head]) -> int:
-        """Gate exactly ``heads`` (global (layer, head)); return how many of them this rank holds."""
+        """Gate exactly ``heads`` (global (layer, head)) engine-wide; return how many of them this rank holds."""
         gates = _require_gates()
-        mine = local_heads(heads, gates.shape, gates.tp_size, gates.rank)
-        per_rank = gates.shape.num_heads // gates.tp_size
-        for layer, proj in enumerate(gates.projections):
-            new = channel_gate(mine.get(layer, ()), per_rank, gates.shape.head_dim, dtype=proj.retmask_gate.dtype)
-            proj.retmask_gate.copy_(new)  # in place: traced graphs and CUDA graphs keep this address
-            proj.retmask_active = layer in mine
-        return sum(len(h) for h in mine.values())
+        held = _fill_row(gates, 0, heads)
+        for proj in gates.projections:
+            proj.retmask_active = not bool(proj.retmask_gate.eq(1).all())
+        return held
+
+    def retmask_register_mask(self, slot: int, heads: list[Head]) -> int:
+        """Fill per-request mask ``slot`` (1..MAX_MASKS-1) with ``heads``; return how many this rank holds.
+
+        The first registration wraps the model runner so that each step reads its requests' slots."""
+        if not 0 < slot < MAX_MASKS:
+            raise ValueError(f"mask slot {slot} out of range 1..{MAX_MASKS - 1} (slot 0 is the engine-wide gate)")
+        gates = _require_gates()
+        if not gates.runner_wrapped:
+            _wrap_prepare_inputs(self.model_runner, gates.slots)
+            gates.runner_wrapped = True
+        return _fill_row(gates, slot, heads)
 
     def retmask_gate_report(self) -> dict:
         """This rank's view of the gate, read back from the buffers (for tests and debugging)."""
@@ -127,6 +168,61 @@ class HeadGateExtension:
         ones = all(bool(proj.retmask_gate.eq(1).all()) for proj in gates.projections)
         return {"rank": gates.rank, "tp_size": gates.tp_size, "masked_local": masked, "data_ptrs": ptrs,
                 "ones": ones}
+
+
+def _fill_row(gates: _WorkerGates, row: int, heads: list[Head]) -> int:
+    mine = local_heads(heads, gates.shape, gates.tp_size, gates.rank)
+    per_rank = gates.shape.num_heads // gates.tp_size
+    for layer, proj in enumerate(gates.projections):
+        new = channel_gate(mine.get(layer, ()), per_rank, gates.shape.head_dim, dtype=proj.retmask_table.dtype)
+        proj.retmask_table[row].copy_(new)  # in place: traced graphs and CUDA graphs keep this address
+    return sum(len(h) for h in mine.values())
+
+
+def _wrap_prepare_inputs(runner, slots: _StepSlots) -> None:
+    """Make ``runner._prepare_inputs`` fill ``slots`` from the batch before the model step it prepares.
+
+    vLLM 0.32's V1 ``GPUModelRunner`` (and ``CPUModelRunner``, its subclass) prepares every step's inputs
+    there, with ``input_batch.req_ids[row]`` and ``num_scheduled_tokens[row]`` in batch-row order; the
+    token order of a step is ``np.repeat(rows, num_scheduled_tokens)``. Patched on the instance, so only a
+    gated engine's runner changes. It runs inside the runner's ``synchronize_input_prep``, which (with async
+    scheduling) waits until the previous step's host-to-device copies are done, so ``staging`` is free.
+    """
+    prepare = getattr(runner, "_prepare_inputs", None)
+    if prepare is None or not hasattr(runner, "input_batch") or not hasattr(runner, "requests"):
+        raise RuntimeError(f"per-request head masks need vLLM's V1 GPUModelRunner; got {type(runner).__name__} "
+                           "(unset VLLM_USE_V2_MODEL_RUNNER)")
+    on_host = slots.index.device.type == "cpu"
+    staging = slots.index if on_host else torch.zeros_like(slots.index, device="cpu").pin_memory()
+    host = staging.numpy()
+
+    def prepare_with_slots(scheduler_output, num_scheduled_tokens, *args, **kwargs):
+        rows = [_request_slot(runner.requests[req_id]) for req_id in runner.input_batch.req_ids]
+        total = int(num_scheduled_tokens.sum())
+        if any(rows):
+            host[:total] = np.repeat(np.asarray(rows, dtype=np.int64), num_scheduled_tokens)
+            end = max(total, slots.filled)
+            host[total:end] = 0  # padding tokens (and the rest of the last step) read row 0
+            if not on_host:
+                slots.index[:end].copy_(staging[:end], non_blocking=True)
+            slots.filled, slots.mixed = total, True
+        elif slots.filled:
+            slots.index[: slots.filled].zero_()
+            if not on_host:
+                staging[: slots.filled].zero_()
+            slots.filled, slots.mixed = 0, False
+        return prepare(scheduler_output, num_scheduled_tokens, *args, **kwargs)
+
+    runner._prepare_inputs = prepare_with_slots
+
+
+def _request_slot(state) -> int:
+    extra = getattr(state.sampling_params, "extra_args", None) or {}
+    slot = extra.get(MASK_ARG, 0)
+    if not (isinstance(slot, int) and 0 <= slot < MAX_MASKS):
+        raise ValueError(f"request {state.req_id}: extra_args[{MASK_ARG!r}]={slot!r} is not a mask slot "
+                         f"0..{MAX_MASKS - 1}")
+    return slot
 
 
 def _require_gates() -> _WorkerGates:

@@ -12,6 +12,9 @@ from retrieval_heads.models import ModelShape
 # Fixed: the embedded model's top-5 retrieval heads in one detection run (the tests read no score file).
 # Masking them breaks needle retrieval on the NIAH prompt below.
 MASK_SPEC = "17-3,18-6,18-7,20-6,23-2"
+# 20 heads drawn with random.Random(14).sample from all 270: the random-mask variant of the mixed-batch tests.
+RANDOM_SPEC = "4-1,6-0,6-6,12-6,14-0,14-4,14-7,14-8,15-3,16-5,17-2,17-8,20-3,20-4,22-3,22-5,25-5,26-4,29-3,29-8"
+VARIANTS = (None, MASK_SPEC, RANDOM_SPEC)
 
 LLAMA31_8B = ModelShape(num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=131072)
 QWEN3_8B = ModelShape(num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=40960)
@@ -213,6 +216,81 @@ def test_gated_engine_matches_the_exported_masked_checkpoint(gated, embedded_mod
     assert [c.text for c in gated_out] == [o.outputs[0].text for o in static_out]
 
 
+# --- per-request masks: every variant in one continuous batch ---
+
+@pytest.fixture(scope="module")
+def switched(gated):
+    """Each variant's greedy tokens for ``gated.prompts``, the engine switched to it for the whole batch."""
+    return {spec: _tokens(gated.engine.generate(gated.prompts, gated.greedy, mask=spec)) for spec in VARIANTS}
+
+
+def _interleaved(prompts):
+    # Prompt-major, variants side by side: every step of the batch mixes masks.
+    return [p for p in prompts for _ in VARIANTS], [spec for _ in prompts for spec in VARIANTS]
+
+
+@pytest.mark.slow
+def test_mixed_batch_matches_engine_wide_switching_request_for_request(gated, switched):
+    assert switched[None] == _tokens(gated.baseline)
+    assert switched[MASK_SPEC] != switched[None] and switched[RANDOM_SPEC] != switched[None]
+    prompts, masks = _interleaved(gated.prompts)
+    mixed = _tokens(gated.engine.generate_mixed(prompts, gated.greedy, masks=masks))
+    want = [switched[spec][i] for i in range(len(gated.prompts)) for spec in VARIANTS]
+    assert mixed == want
+
+
+@pytest.mark.slow
+def test_mixed_batch_with_prefix_caching_does_not_leak_between_masks(gated):
+    from vllm import SamplingParams
+
+    from pipeline.gate import MASK_ARG
+
+    engine, niah = gated.engine, gated.prompts[-1]
+    assert engine.config.enable_prefix_caching
+    alone = []
+    for spec in VARIANTS:
+        engine.llm.reset_prefix_cache()
+        alone += _tokens(engine.generate([niah], gated.greedy, mask=spec))
+    assert alone[1] != alone[0] and alone[2] != alone[0]
+    engine.llm.reset_prefix_cache()
+    engine.generate([niah], gated.greedy, mask=None)  # the plain model's KV blocks of the shared prompt
+    mixed = _tokens(engine.generate_mixed([niah] * 3, gated.greedy, masks=VARIANTS))
+    assert mixed == alone
+    assert "Dolores Park" not in engine.generate_mixed([niah], gated.greedy, masks=[MASK_SPEC])[0].text
+
+    # The salt is what protects it: a request tagged with a mask slot but unsalted reuses the plain blocks.
+    ids = {"prompt_token_ids": engine.render(niah)}
+    scored = SamplingParams(temperature=0.0, max_tokens=4, logprobs=0)
+    tagged = scored.clone()
+    tagged.extra_args = {MASK_ARG: engine._slots[HeadMask.parse(MASK_SPEC, engine.shape).heads]}
+    engine.llm.reset_prefix_cache()
+    fresh = engine.llm.generate([ids], tagged, use_tqdm=False)[0].outputs[0]
+    engine.llm.reset_prefix_cache()
+    plain = engine.llm.generate([ids], scored, use_tqdm=False)[0].outputs[0]
+    leaked = engine.llm.generate([ids], tagged, use_tqdm=False)[0].outputs[0]
+    assert fresh.logprobs != plain.logprobs  # the tag alone gates the request
+    assert fresh.logprobs != leaked.logprobs
+
+
+@pytest.mark.slow
+def test_engine_wide_switch_still_works_after_mixed_use(gated, switched):
+    engine = gated.engine
+    before = engine.gate_report()
+    engine.generate_mixed(gated.prompts[:2], gated.greedy, masks=[RANDOM_SPEC, MASK_SPEC])
+    assert _tokens(engine.generate(gated.prompts, gated.greedy, mask=MASK_SPEC)) == switched[MASK_SPEC]
+    assert [r["masked_local"] for r in engine.gate_report()] == [[[17, 3], [18, 6], [18, 7], [20, 6], [23, 2]]]
+    assert _tokens(engine.generate(gated.prompts, gated.greedy, mask=None)) == switched[None]
+    assert [r["data_ptrs"] for r in engine.gate_report()] == [r["data_ptrs"] for r in before]
+
+
+def test_a_mixed_batch_needs_one_mask_per_prompt():
+    from pipeline.engine import EngineConfig, GatedLLM
+
+    engine = GatedLLM(llm=None, config=EngineConfig(), shape=EMBEDDED)  # validation runs before any RPC
+    with pytest.raises(RetmaskError, match="one mask per prompt"):
+        engine.generate_mixed(["a", "b"], None, masks=[None])
+
+
 @pytest.mark.slow
 def test_compiled_graph_agrees_with_eager_under_a_mask(gated):
     from pipeline.engine import GatedLLM
@@ -220,9 +298,14 @@ def test_compiled_graph_agrees_with_eager_under_a_mask(gated):
     eager = gated.engine
     want = {spec: _tokens(eager.generate(gated.prompts, gated.greedy, mask=spec)) for spec in (MASK_SPEC, None)}
     # The mask is switched after compilation: the traced graph must read the updated buffers.
+    prompts, masks = _interleaved(gated.prompts)
     with GatedLLM.from_config(replace(eager.config, enforce_eager=False)) as compiled:
         got = {spec: _tokens(compiled.generate(gated.prompts, gated.greedy, mask=spec)) for spec in (MASK_SPEC, None)}
+        # Per-request masks: the traced gather must read each step's slot index, filled after compilation.
+        mixed = _tokens(compiled.generate_mixed(prompts, gated.greedy, masks=masks))
     assert got == want
+    want[RANDOM_SPEC] = _tokens(eager.generate(gated.prompts, gated.greedy, mask=RANDOM_SPEC))
+    assert mixed == [want[spec][i] for i in range(len(gated.prompts)) for spec in VARIANTS]
 
 
 @pytest.mark.slow
@@ -236,9 +319,12 @@ def test_tensor_parallel_3_gates_each_rank_s_own_heads(gated, monkeypatch):
     with GatedLLM.from_config(replace(gated.engine.config, tensor_parallel_size=3)) as tp3:
         got = _tokens(tp3.generate(gated.prompts[:2], gated.greedy, mask=MASK_SPEC))
         report = sorted(tp3.gate_report(), key=lambda r: r["rank"])
+        # Per-request masks: each rank fills its own slice of the slot's gate table.
+        mixed = _tokens(tp3.generate_mixed(gated.prompts[:2] * 2, gated.greedy, masks=[MASK_SPEC] * 2 + [None] * 2))
     # 3 query heads per rank: 23-2 is rank 0's head 2, 17-3 rank 1's head 0, 18-6/18-7/20-6 on rank 2.
     assert [r["masked_local"] for r in report] == [[[23, 2]], [[17, 0]], [[18, 0], [18, 1], [20, 0]]]
     assert got == want  # greedy tokens; TP changes only the all-reduce order
+    assert mixed == want + _tokens(gated.baseline[:2])
 
 
 @pytest.mark.slow

@@ -108,7 +108,9 @@ def _stage_generate(cfg: StudyConfig, out: Path) -> None:
         scores=str(out / "detect_base" / "head_scores.json"), selection="threshold", threshold=cfg.threshold,
         variants=["normal", *ARMS.values()], sampling={"temperature": cfg.temperature, "max_tokens": cfg.max_tokens},
         seed=cfg.generate_seed, max_model_len=cfg.max_model_len,
-        engine={"kv_cache_memory_bytes": cfg.kv_cache_memory_bytes}, out=str(out / "generate")))
+        engine={"kv_cache_memory_bytes": cfg.kv_cache_memory_bytes}, out=str(out / "generate"),
+        # The study's first shards were generated with the engine-wide switch; every shard keeps that batching.
+        batching="switched"))
 
 
 def _train(cfg: StudyConfig, out: Path, arm: str) -> None:

@@ -49,7 +49,7 @@ class GenerationActor:
     """Owns one ``GatedLLM``; turns a batch of prompts into one Arrow row per prompt holding every variant."""
 
     def __init__(self, index: int, engine: EngineConfig, engine_kwargs: dict, sampling: dict,
-                 masks: dict[str, list]):
+                 masks: dict[str, list], mixed: bool = True):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
         # Ray forwards every actor's output to the driver's terminal; vLLM's per-engine INFO lines would
         # bury the progress bar. Export VLLM_LOGGING_LEVEL=INFO to see them (read when vLLM is imported).
@@ -66,7 +66,7 @@ class GenerationActor:
         from pipeline.shard_schema import schema_for
         from retrieval_heads.masking import HeadMask
 
-        self.index, self.batches = index, 0
+        self.index, self.batches, self.mixed = index, 0, mixed
         self.llm = GatedLLM.from_config(engine, **engine_kwargs)
         self.sampling = SamplingParams(**sampling)
         self.masks = {v: HeadMask.for_shape(heads, self.llm.shape) if heads else None for v, heads in masks.items()}
@@ -82,7 +82,8 @@ class GenerationActor:
                 "max_model_len": self.llm.config.max_model_len}
 
     def generate(self, batch: list[PromptItem]) -> tuple[pa.Table, dict]:
-        """Every variant for every prompt of the batch (each variant: all prompts in one engine call).
+        """Every variant for every prompt of the batch: one continuous batch of prompts x variants, each request
+        under its own mask (``mixed``), or one engine call per variant with the mask switched engine-wide.
 
         ``stats["rejects"]`` lists ``(prompt id, reason)`` of the prompts the engine refused; they have no row.
         """
@@ -128,8 +129,14 @@ class GenerationActor:
         if poison and any(poison in text for text in texts):
             raise ValueError("injected poison prompt")
         # The same per-prompt seed under every variant: a pair differs by the mask, not by the dice.
-        return {v: self.llm.generate(list(texts), self.sampling, mask=mask, seeds=list(seeds))
-                for v, mask in self.masks.items()}
+        if not self.mixed:
+            return {v: self.llm.generate(list(texts), self.sampling, mask=mask, seeds=list(seeds))
+                    for v, mask in self.masks.items()}
+        variants = list(self.masks)
+        out = self.llm.generate_mixed([t for t in texts for _ in variants], self.sampling,
+                                      masks=[self.masks[v] for _ in texts for v in variants],
+                                      seeds=[s for s in seeds for _ in variants])
+        return {v: out[i::len(variants)] for i, v in enumerate(variants)}
 
     def _check_engine(self, err: Exception) -> None:
         """Re-raise ``err`` unless the engine still works: a broken engine would turn every prompt into a reject."""

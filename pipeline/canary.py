@@ -107,21 +107,48 @@ class GateCanary:
         log.info("gate canary: mask %s changes the prefill and decode logits (%.3f s)", mask_label(heads), seconds)
         return probe
 
-    def probe(self) -> Probe:
-        """The canary prompt under the installed mask: greedy, 2 tokens, top-k logprobs of each."""
+    def check_slots(self, slots: dict[tuple[Head, ...], int], mask_arg: str) -> None:
+        """Probe per-request masks: in one batch with a plain request, each request tagged with a mask's slot
+        must get prefill and decode logits other than the plain request's. A per-token slot index that the
+        running graph does not read (every token on row 0) would make them equal. Logits are compared within
+        the batch, not with the switched probes: a different batch may round differently."""
+        started = time.perf_counter()
+        order = sorted(slots.items(), key=lambda item: item[1])
+        plain, *tagged = self.probe([{}] + [{mask_arg: slot} for _, slot in order])
+        for (heads, slot), probe in zip(order, tagged):
+            for step, where in ((0, "prefill"), (1, "decode")):
+                if probe.steps[step] == plain.steps[step]:
+                    raise RetmaskError(
+                        f"mask {mask_label(heads)} has no effect on the {where} logits as a per-request mask (slot "
+                        f"{slot}, gate canary): the graph may not read the per-token slot index; use batching: "
+                        "switched and report it"
+                    )
+        log.info("gate canary: %d per-request mask(s) change the prefill and decode logits (%.3f s)", len(order),
+                 time.perf_counter() - started)
+
+    def probe(self, extra_args: Sequence[dict] | None = None) -> Probe | list[Probe]:
+        """The canary prompt under the installed mask: greedy, 2 tokens, top-k logprobs of each. With
+        ``extra_args``, one probe per entry (a request's ``SamplingParams.extra_args``), all in one batch."""
         from vllm import SamplingParams
 
         tokenizer = self.llm.get_tokenizer()
         cap = self.llm.llm_engine.model_config.max_logprobs
         top_k = CANARY_TOPK if cap < 0 else min(CANARY_TOPK, cap)
-        params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, logprobs=top_k, detokenize=False)
-        self._probes += 1
-        # A salt per probe: a prefix-cache hit (blocks of the plain model, of another mask or of an earlier
-        # probe) would skip computing the prompt under the gate being tested.
-        item = {"prompt_token_ids": tokenizer.encode(CANARY_TEXT), "cache_salt": f"retmask-canary-{self._probes}"}
-        out = self.llm.generate([item], params, use_tqdm=False)[0].outputs[0]
-        steps = tuple(tuple(sorted((t, lp.logprob.hex()) for t, lp in step.items())) for step in out.logprobs)
-        return Probe(tuple(out.token_ids), steps)
+        items, params = [], []
+        for extra in extra_args if extra_args is not None else [{}]:
+            self._probes += 1
+            params.append(SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, logprobs=top_k,
+                                         detokenize=False, extra_args=extra or None))
+            # A salt per probe: a prefix-cache hit (blocks of the plain model, of another mask or of an earlier
+            # probe) would skip computing the prompt under the gate being tested.
+            items.append({"prompt_token_ids": tokenizer.encode(CANARY_TEXT),
+                          "cache_salt": f"retmask-canary-{self._probes}"})
+        probes = []
+        for result in self.llm.generate(items, params, use_tqdm=False):
+            out = result.outputs[0]
+            steps = tuple(tuple(sorted((t, lp.logprob.hex()) for t, lp in step.items())) for step in out.logprobs)
+            probes.append(Probe(tuple(out.token_ids), steps))
+        return probes if extra_args is not None else probes[0]
 
 
 def mask_label(heads: Sequence[Head]) -> str:

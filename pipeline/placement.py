@@ -21,6 +21,9 @@ from retrieval_heads.scores import Head
 
 DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
 KV_BLOCK_TOKENS = 256  # the largest block vLLM uses (CPU); GPU blocks are 16 tokens, so this errs high
+# Rows of each o_proj gate table (pipeline.gate): row 0 the engine-wide gate, the rest per-request masks. Here so
+# the driver can refuse a run with more masks than one mixed batch holds without importing vLLM.
+MAX_MASKS = 16
 
 
 # --- tensor parallel: which rank holds which query head ---

@@ -153,8 +153,8 @@ def _shape(report, config, shape, hf_config, text_config, files) -> bool:
         check_context(config, shape)
     except RetmaskError as err:
         report.problem(s, str(err))
-    if config.variants == ["normal"]:
-        report.add(s, "score file: not used (the only variant is normal)")
+    if all(v == "normal" or config.variant_rules.get(v, {}).get("rule") == "none" for v in config.variants):
+        report.add(s, "score file: not used (no variant gates a head)")
         return True
     try:
         scores = HeadScores.load(config.scores)
@@ -188,8 +188,11 @@ def _variants(report, config, shape, scores_ok: bool) -> tuple[dict | None, dict
             how = f"every head with mean score >= {rule['threshold']}"
         elif rule["strategy"] == "top_k":
             how = f"the {rule['k']} best heads by mean score"
+        elif rule["strategy"] == "random_all":
+            how = f"{rule['k']} random heads, seed {rule['seed']}"
         else:
-            how = f"{rule['k']} random heads outside {rule['exclude']}, seed {rule['seed']}"
+            outside = rule.get("exclude", f"the top {rule['k']}")
+            how = f"{rule['k']} random heads outside {outside}, seed {rule['seed']}"
         mask = record[variant]
         report.add(s, f"{variant}: {how} -> {len(hs)} heads (mask {mask['id']}): {mask['heads']}")
     report.values["heads"] = heads

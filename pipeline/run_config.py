@@ -14,14 +14,19 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from pipeline.placement import MAX_MASKS
 from retrieval_heads.errors import RetmaskError
 from retrieval_heads.models import EMBEDDED_ALIAS, ModelShape, render_chat
 
 if TYPE_CHECKING:
     from pipeline.generate import GenerateConfig
 
-VARIANTS = ("normal", "retrieval_masked", "random_masked")
+BUILTIN_VARIANTS = ("normal", "retrieval_masked", "random_masked")
+RULES = ("none", "threshold", "top_k", "random_nonretrieval", "random_all")
 SELECTIONS = ("threshold", "top_k")
+BATCHING = ("mixed", "switched")
+_RULE_KEYS = {"none": set(), "threshold": {"threshold"}, "top_k": {"k"},
+              "random_nonretrieval": {"k", "like", "seed"}, "random_all": {"k", "like", "seed"}}
 
 
 def check_config(config: GenerateConfig) -> None:
@@ -29,13 +34,13 @@ def check_config(config: GenerateConfig) -> None:
     from pipeline.prompts import check_repeats
 
     check_repeats(config.prompt_options.get("repeats", 1))  # before the output directory exists
-    variants = config.variants
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown or not variants or variants[0] != "normal" or len(set(variants)) != len(variants):
-        raise RetmaskError(f"variants must start with 'normal' and name distinct variants from {list(VARIANTS)}, "
-                           f"got {variants}")
-    if config.selection not in SELECTIONS:
-        raise RetmaskError(f"selection must be one of {list(SELECTIONS)}, got {config.selection!r}")
+    rules = variant_rules(config)  # refuses unknown names, rules and keys, each in one line
+    if config.batching not in BATCHING:
+        raise RetmaskError(f"batching must be one of {list(BATCHING)}, got {config.batching!r}")
+    masked = sum(1 for rule in rules.values() if rule["rule"] != "none")
+    if config.batching == "mixed" and masked > MAX_MASKS - 1:
+        raise RetmaskError(f"{masked} masked variants, but one mixed batch holds at most {MAX_MASKS - 1} masks; "
+                           "drop variants or set batching: switched")
     if config.sampling.n != 1:
         raise RetmaskError("sampling.n must be 1: each variant gives one response per prompt")
     for name in ("num_actors", "tensor_parallel_size", "batch_size", "batches_in_flight"):
@@ -68,31 +73,95 @@ def model_record(config: GenerateConfig) -> tuple[str, dict]:
                   "files": local}
 
 
+def variant_rules(config: GenerateConfig) -> dict[str, dict]:
+    """Each variant's head-selection rule, in ``config.variants`` order.
+
+    The built-in names are rules too: ``normal`` gates nothing, ``retrieval_masked`` follows the config's
+    ``selection``/``threshold``/``k``, and ``random_masked`` draws as many random heads outside it. Any other
+    name (a graded negative) is defined in ``variant_rules``: ``{rule, threshold | k | like, seed}``, where
+    ``like: V`` takes V's head count (and, for ``random_nonretrieval``, avoids V's heads).
+    """
+    variants, custom = list(config.variants), dict(config.variant_rules)
+    if not variants or variants[0] != "normal" or len(set(variants)) != len(variants):
+        raise RetmaskError(f"variants must start with 'normal' and name distinct variants, got {variants}")
+    if config.selection not in SELECTIONS:
+        raise RetmaskError(f"selection must be one of {list(SELECTIONS)}, got {config.selection!r}")
+    shadowing = sorted(set(custom) & set(BUILTIN_VARIANTS))
+    unused = sorted(set(custom) - set(variants))
+    unknown = [v for v in variants if v not in BUILTIN_VARIANTS and v not in custom]
+    if shadowing or unused or unknown:
+        what = (f"{shadowing} are built-in variants: give yours other names" if shadowing else
+                f"variant_rules defines {unused} but variants does not list them" if unused else
+                f"variants {unknown} are neither built in {list(BUILTIN_VARIANTS)} nor defined in variant_rules")
+        raise RetmaskError(f"{what} (variants: {variants})")
+    builtin = {"normal": {"rule": "none"},
+               "retrieval_masked": {"rule": config.selection, **_selection_option(config)},
+               "random_masked": {"rule": "random_nonretrieval", "like": "retrieval_masked", "seed": config.seed}}
+    rules = {}
+    for v in variants:
+        rule = dict(builtin[v]) if v in builtin else _custom_rule(v, custom[v], config.seed)
+        like = rule.get("like")
+        if like is not None and (like not in variants or builtin.get(like, custom.get(like, {})).get("like")):
+            raise RetmaskError(f"variant_rules.{v}.like={like!r} must name a listed variant selected by rule, "
+                               f"not by like (variants: {variants})")
+        rules[v] = rule
+    return rules
+
+
+def _selection_option(config: GenerateConfig) -> dict:
+    return {"threshold": config.threshold} if config.selection == "threshold" else {"k": config.k}
+
+
+def _custom_rule(name: str, rule: object, seed: int) -> dict:
+    where = f"variant_rules.{name}"
+    if not isinstance(rule, dict) or rule.get("rule") not in RULES:
+        raise RetmaskError(f"{where} must be a mapping with rule: one of {list(RULES)}, got {rule!r}")
+    extra = sorted(set(rule) - {"rule"} - _RULE_KEYS[rule["rule"]])
+    if extra:
+        raise RetmaskError(f"{where}: rule {rule['rule']} takes {sorted(_RULE_KEYS[rule['rule']])}, not {extra}")
+    needed = {"threshold": "threshold", "top_k": "k"}.get(rule["rule"])
+    if needed and needed not in rule:
+        raise RetmaskError(f"{where}: rule {rule['rule']} needs {needed}")
+    if rule["rule"].startswith("random") and ("k" in rule) == ("like" in rule):
+        raise RetmaskError(f"{where}: rule {rule['rule']} needs exactly one of k (a head count) or like (a variant "
+                           "whose head count to match)")
+    return {"seed": seed, **rule} if rule["rule"].startswith("random") else dict(rule)
+
+
 def variant_masks(config: GenerateConfig, shape: ModelShape) -> tuple[dict[str, list], dict]:
     """Heads gated per variant, and their manifest record (mask ids, selection rule, score digest)."""
     from retrieval_heads.masking import HeadMask, select_mask
     from retrieval_heads.scores import HeadScores
 
-    if config.variants == ["normal"]:
-        return {"normal": []}, {"normal": HeadMask.for_shape((), shape).to_dict()}
-    scores = HeadScores.load(config.scores)  # loaded once: both masks and the record's digest come from it
-    rule = {"threshold": config.threshold} if config.selection == "threshold" else {"k": config.k}
-    retrieval = select_mask(scores, config.selection, shape, **rule)
-    if not retrieval.heads:
-        raise RetmaskError(f"no head in {config.scores} has a mean score >= {config.threshold}; "
-                           "lower threshold or use selection top_k")
-    heads = {"normal": [], "retrieval_masked": list(retrieval.heads)}
-    random_rule = {"k": len(retrieval), "seed": config.seed}
-    if "random_masked" in config.variants:
-        control = select_mask(scores, "random_nonretrieval", shape, **random_rule, exclude=list(retrieval.heads))
-        heads["random_masked"] = list(control.heads)
+    rules = variant_rules(config)
+    if all(r["rule"] == "none" for r in rules.values()):
+        return {v: [] for v in rules}, {v: HeadMask.for_shape((), shape).to_dict() for v in rules}
+    scores = HeadScores.load(config.scores)  # loaded once: every mask and the record's digest come from it
+    heads: dict[str, list] = {}
+    selection: dict[str, dict] = {}
+    for v, rule in sorted(rules.items(), key=lambda item: "like" in item[1]):  # a like's target first
+        options = {k: rule[k] for k in ("threshold", "k", "seed") if k in rule}
+        if "like" in rule:
+            options["k"] = len(heads[rule["like"]])
+            if rule["rule"] == "random_nonretrieval":
+                options["exclude"] = heads[rule["like"]]
+        if rule["rule"] == "none":
+            heads[v] = []
+        elif options.get("k") == 0:
+            raise RetmaskError(f"variant {v} takes as many heads as {rule['like']}, which gates none")
+        else:
+            heads[v] = list(select_mask(scores, rule["rule"], shape, **options).heads)
+        if rule["rule"] == "threshold" and not heads[v]:
+            raise RetmaskError(f"no head in {config.scores} has a mean score >= {rule['threshold']} (variant {v}); "
+                               "lower the threshold or select top_k")
+        selection[v] = {"strategy": rule["rule"], **options}
+        if "exclude" in options:
+            selection[v]["exclude"] = rule["like"]
     heads = {v: heads[v] for v in config.variants}
-    selection = {"retrieval_masked": {"strategy": config.selection, **rule},
-                 "random_masked": {"strategy": "random_nonretrieval", **random_rule, "exclude": "retrieval_masked"}}
     record = {}
     for v, hs in heads.items():
         record[v] = HeadMask.for_shape(hs, shape).to_dict()
-        if v != "normal":
+        if rules[v]["rule"] != "none":
             record[v].update(selection=selection[v], scores_digest=scores.digest())
     return heads, record
 

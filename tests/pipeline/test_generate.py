@@ -103,27 +103,39 @@ def test_each_row_carries_the_seed_derived_from_its_prompt_id(run):
     assert len({r["seed"] for r in rows}) == len(rows)
 
 
-def test_every_variant_samples_with_the_prompts_seed():
-    """The actor passes one seed list to every variant's engine call (checked without an engine)."""
+@pytest.mark.parametrize("mixed", [True, False], ids=["mixed", "switched"])
+def test_every_variant_samples_with_the_prompts_seed(mixed):
+    """Each prompt's seed goes to its request under every variant, in one mixed batch or in one engine call per
+    switched mask (checked without an engine)."""
     from pipeline.actors import GenerationActor
     from pipeline.shard_schema import schema_for
 
     calls = []
 
+    def answer(prompt, mask):
+        return SimpleNamespace(text=f"{mask}:{prompt}", num_prompt_tokens=3, num_completion_tokens=1,
+                               finish_reason="stop")
+
     class RecordingEngine:
         def generate(self, prompts, sampling, mask=None, seeds=None):
-            calls.append((mask, list(seeds)))
-            return [SimpleNamespace(text=f"{mask}:{p}", num_prompt_tokens=3, num_completion_tokens=1,
-                                    finish_reason="stop") for p in prompts]
+            calls.append([(mask, s) for s in seeds])
+            return [answer(p, mask) for p in prompts]
+
+        def generate_mixed(self, prompts, sampling, masks, seeds=None):
+            calls.append(list(zip(masks, seeds)))
+            return [answer(p, m) for p, m in zip(prompts, masks)]
 
     actor = object.__new__(GenerationActor)
-    actor.index, actor.batches, actor.llm, actor.sampling = 0, 0, RecordingEngine(), None
+    actor.index, actor.batches, actor.llm, actor.sampling, actor.mixed = 0, 0, RecordingEngine(), None, mixed
     actor.masks = {"normal": None, "retrieval_masked": "16-1", "random_masked": "3-3"}
     actor.schema = schema_for(list(actor.masks))
     table, stats = actor.generate([("a", "hello", 11), ("b", "world", 22)])
-    assert [seeds for _, seeds in calls] == [[11, 22]] * 3 and [m for m, _ in calls] == [None, "16-1", "3-3"]
+    requests = sorted(r for call in calls for r in call if r[0]) + [r for call in calls for r in call if not r[0]]
+    assert len(calls) == (1 if mixed else 3)
+    assert requests == [("16-1", 11), ("16-1", 22), ("3-3", 11), ("3-3", 22), (None, 11), (None, 22)]
     assert table.column("seed").to_pylist() == [11, 22]
-    assert table.column("random_masked__text")[1].as_py() == "3-3:world"
+    assert table.column("random_masked__text").to_pylist() == ["3-3:hello", "3-3:world"]
+    assert table.column("normal__text").to_pylist() == ["None:hello", "None:world"]
     assert stats["tokens"] == 6
 
 

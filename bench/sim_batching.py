@@ -29,11 +29,13 @@ today's actor loop) and ``mixed`` (all variants of all prompts in one FIFO strea
 
     python bench/sim_batching.py --out-dir runs/demo/generate --budget 2048 [--write docs/BENCHMARKS.md]
     python bench/sim_batching.py --synthetic lognormal --median 300 --sigma 1.0 --budget 2048
+    python bench/sim_batching.py --lengths runs/bench_mixed.json --budget 2048   # lengths bench_mixed.py measured
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from collections import deque
@@ -248,8 +250,30 @@ def load_measured(out_dir: str, tail_sigma: float, min_stops: int = 20) -> Measu
     lengths = np.maximum(1, np.array([table[f"{v}__num_tokens"] for v in variants]).T)
     truncated = np.array([[f == "length" for f in table[f"{v}__finish_reason"]] for v in variants]).T
     cap = int(manifest["run_config"]["sampling"]["max_tokens"])
-    m = Measured(variants, lengths, truncated, np.array(table["num_prompt_tokens"]), cap)
-    for j, v in enumerate(variants):
+    return _with_fits(Measured(variants, lengths, truncated, np.array(table["num_prompt_tokens"]), cap),
+                      tail_sigma, min_stops)
+
+
+def load_lengths(path: str, tail_sigma: float, min_stops: int = 20) -> Measured:
+    """As ``load_measured``, from a JSON file of answer lengths: ``bench/bench_mixed.py --json`` writes one (its
+    "lengths" block: variants, max_tokens, num_prompt_tokens per prompt, num_tokens and finish_reason per variant
+    and prompt); a file holding just that block works too."""
+    data = json.loads(Path(path).read_text())
+    data = data.get("lengths", data)
+    try:
+        variants = list(data["variants"])
+        lengths = np.maximum(1, np.array([data["num_tokens"][v] for v in variants]).T)
+        truncated = np.array([[f == "length" for f in data["finish_reason"][v]] for v in variants]).T
+        m = Measured(variants, lengths, truncated, np.array(data["num_prompt_tokens"]), int(data["max_tokens"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise SystemExit(f"sim_batching: error: {path} is not an answer-length file ({type(err).__name__}: {err}); "
+                         "write one with bench/bench_mixed.py --json") from None
+    return _with_fits(m, tail_sigma, min_stops)
+
+
+def _with_fits(m: Measured, tail_sigma: float, min_stops: int) -> Measured:
+    truncated, lengths = m.truncated, m.lengths
+    for j, v in enumerate(m.variants):
         stops = int((~truncated[:, j]).sum())
         fixed = None if stops >= min_stops else tail_sigma
         m.fits[v] = (*fit_lognormal_censored(lengths[:, j], truncated[:, j], fixed), fixed is None)
@@ -350,8 +374,9 @@ def section_text(args, engine: Engine, ref: int, headline: list[str], parts: lis
                if engine.prefill_budget else "prefill ignored (it takes no time; its KV is held)")
     why = (f"Why these settings: max_num_seqs {engine.max_num_seqs} and P = 256 are the batch_size and max_num_seqs "
            f"of jobs/configs/generate_llama31_8b.yaml, and B = {args.budget} is the paper's max_tokens.")
-    if args.out_dir:
-        why += (f" The measured output (`{args.out_dir}`) comes from a small model with a low max_tokens: replayed "
+    if args.out_dir or args.lengths:
+        why += (f" The measured output (`{args.out_dir or args.lengths}`) comes from a small model with a low "
+                "max_tokens: replayed "
                 "at its cap it shows how short answers drain, and its tail beyond the cap is an extrapolation, so it "
                 "is a cross-check.")
     if args.synthetic:
@@ -393,6 +418,8 @@ Expected gain of mixed over switched at P = {ref}, B = {args.budget}: {"; ".join
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", help="a generation output directory whose answer lengths are replayed")
+    parser.add_argument("--lengths", help="instead of --out-dir: a JSON file of measured answer lengths to replay "
+                                          "(bench/bench_mixed.py --json)")
     parser.add_argument("--tail", choices=["lognormal", "replay", "both"], default="both",
                         help="truncated answers: continue in a log-normal fitted with censoring, or replay at the cap")
     parser.add_argument("--tail-sigma", type=float, default=1.0,
@@ -416,18 +443,22 @@ def main() -> None:
                                                                         "the weight read")
     parser.add_argument("--write", type=Path, help=f"markdown file whose '{HEADING}' section is replaced")
     args = parser.parse_args()
-    if not args.out_dir and not args.synthetic:
-        parser.error("give --out-dir, --synthetic or both")
+    if not args.out_dir and not args.lengths and not args.synthetic:
+        parser.error("give --out-dir or --lengths, --synthetic, or both")
+    if args.out_dir and args.lengths:
+        parser.error("give --out-dir or --lengths, not both")
     engine = Engine(args.max_num_seqs, args.kv_tokens, args.prefill_budget, args.knee)
     batch_sizes = [int(p) for p in args.batch_sizes.split(",")]
     B, n = args.budget, args.prompts
     scenarios = []
-    if args.out_dir:
-        m = load_measured(args.out_dir, args.tail_sigma)
+    measured = args.out_dir or args.lengths
+    if measured:
+        m = (load_measured(args.out_dir, args.tail_sigma) if args.out_dir
+             else load_lengths(args.lengths, args.tail_sigma))
         share = m.truncated.mean()
         fits = "; ".join(f"{v} median {math.exp(mu):.0f}, sigma {s:.2f}{'' if fitted else ' (fixed)'}"
                          for v, (mu, s, fitted) in m.fits.items())
-        src = (f"`{args.out_dir}` ({len(m.lengths)} prompts x {len(m.variants)} variants, cap {m.cap}, "
+        src = (f"`{measured}` ({len(m.lengths)} prompts x {len(m.variants)} variants, cap {m.cap}, "
                f"{share:.0%} truncated)")
         if args.tail in ("replay", "both"):
             scenarios.append(Scenario(f"measured, replayed at the cap ({min(B, m.cap)} tokens)",

@@ -4,9 +4,10 @@ RetMask zeroes the masked heads' input columns of ``o_proj`` in a copy of the ch
 with a second server (docs/METHOD.md pitfall 9). Here the same zeros come from a gate inside one engine:
 
 - A model loader (``load_format="retmask_gated"``, wrapping vLLM's default loader) gives every decoder
-  layer's ``o_proj`` a 0/1 buffer over its input channels (this rank's ``num_heads/tp * head_dim``) and a
-  forward pre-hook multiplying the input by it. It runs right after the weights load, so the hook is in
-  place before vLLM traces the model (torch.compile) and captures CUDA graphs.
+  layer's ``o_proj`` the gate tables of ``pipeline.gate_tables`` (0/1 rows over this rank's
+  ``num_heads/tp * head_dim`` input channels) and the forward pre-hook multiplying the input by them. It
+  runs right after the weights load, so the hook is in place before vLLM traces the model (torch.compile)
+  and captures CUDA graphs.
 - A worker extension (``HeadGateExtension``) switches the mask with one ``collective_rpc`` per engine: it
   maps global (layer, head) to this rank's local heads and ``copy_``s the new gates into the same
   buffers, so compiled graphs and CUDA graphs (which hold the buffers' addresses) see the new mask.
@@ -29,13 +30,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import numpy as np
-import torch
 from vllm.model_executor.model_loader import BaseModelLoader, get_model_loader, register_model_loader
 
-from pipeline.placement import MAX_MASKS, check_tensor_parallel, local_heads
-from retrieval_heads.errors import RetmaskError
-from retrieval_heads.masking import SUPPORTED_ARCHITECTURES, channel_gate, output_projections
+from pipeline.gate_tables import StepSlots, fill_row, install_gates
+from pipeline.placement import MAX_MASKS
 from retrieval_heads.models import ModelShape, shape_of
 from retrieval_heads.scores import Head
 
@@ -46,57 +44,12 @@ MASK_ARG = "retmask_mask"  # SamplingParams.extra_args key holding a request's m
 
 
 @dataclass
-class _StepSlots:
-    """The per-token mask slots of the current model step, shared by every layer of one worker."""
-
-    index: torch.Tensor  # [max_num_batched_tokens] int64 on the model's device; fixed address
-    mixed: bool = False  # some token of this step reads a row other than 0 (eager layers check it)
-    filled: int = 0  # leading entries of ``index`` that may be non-zero
-
-
-def _gate_input(module, args):
-    # Traced graphs always gather (a Python flag would be frozen into them); eager runs gather only in steps
-    # holding a per-request mask and otherwise skip layers without masked heads, so the plain model pays
-    # only two flag checks per layer.
-    x = args[0]
-    if torch.compiler.is_compiling() or module.retmask_slots.mixed:
-        return (x * module.retmask_table[module.retmask_index[: x.shape[0]]], *args[1:])
-    if module.retmask_active:
-        return (x * module.retmask_gate, *args[1:])
-    return None
-
-
-def install_gates(model, shape: ModelShape, tp_size: int, rank: int, dtype, device, max_tokens: int) -> list:
-    """Give each layer's ``o_proj`` an all-ones gate table, the shared slot index and the hook applying them;
-    return the projections (``max_tokens``: the most tokens one model step holds)."""
-    width = check_tensor_parallel(shape, tp_size) * shape.head_dim
-    slots = _StepSlots(torch.zeros(max_tokens, dtype=torch.int64, device=device))
-    projections = output_projections(model)
-    if len(projections) != shape.num_layers:
-        raise RetmaskError(f"found {len(projections)} o_proj layers, expected {shape.num_layers}; "
-                           "pipeline parallel is not supported")
-    for proj in projections:
-        got = getattr(proj, "input_size_per_partition", width)
-        if got != width:
-            raise RetmaskError(f"o_proj takes {got} input channels on rank {rank}, expected {width}; "
-                               f"supported: {SUPPORTED_ARCHITECTURES}")
-        table = torch.ones(MAX_MASKS, width, dtype=dtype, device=device)
-        proj.register_buffer("retmask_table", table, persistent=False)
-        proj.register_buffer("retmask_gate", table[0], persistent=False)  # a view: the engine-wide row
-        proj.register_buffer("retmask_index", slots.index, persistent=False)  # one tensor, every layer
-        proj.retmask_slots = slots
-        proj.retmask_active = False
-        proj.register_forward_pre_hook(_gate_input)
-    return projections
-
-
-@dataclass
 class _WorkerGates:
     projections: list
     shape: ModelShape
     tp_size: int
     rank: int
-    slots: _StepSlots
+    slots: StepSlots
     runner_wrapped: bool = False
 
 
@@ -138,10 +91,7 @@ class HeadGateExtension:
     def retmask_set_heads(self, heads: list[Head]) -> int:
         """Gate exactly ``heads`` (global (layer, head)) engine-wide; return how many of them this rank holds."""
         gates = _require_gates()
-        held = _fill_row(gates, 0, heads)
-        for proj in gates.projections:
-            proj.retmask_active = not bool(proj.retmask_gate.eq(1).all())
-        return held
+        return fill_row(gates.projections, gates.shape, gates.tp_size, gates.rank, 0, heads)
 
     def retmask_register_mask(self, slot: int, heads: list[Head]) -> int:
         """Fill per-request mask ``slot`` (1..MAX_MASKS-1) with ``heads``; return how many this rank holds.
@@ -153,7 +103,7 @@ class HeadGateExtension:
         if not gates.runner_wrapped:
             _wrap_prepare_inputs(self.model_runner, gates.slots)
             gates.runner_wrapped = True
-        return _fill_row(gates, slot, heads)
+        return fill_row(gates.projections, gates.shape, gates.tp_size, gates.rank, slot, heads)
 
     def retmask_gate_report(self) -> dict:
         """This rank's view of the gate, read back from the buffers (for tests and debugging)."""
@@ -169,47 +119,24 @@ class HeadGateExtension:
                 "ones": ones}
 
 
-def _fill_row(gates: _WorkerGates, row: int, heads: list[Head]) -> int:
-    mine = local_heads(heads, gates.shape, gates.tp_size, gates.rank)
-    per_rank = gates.shape.num_heads // gates.tp_size
-    for layer, proj in enumerate(gates.projections):
-        new = channel_gate(mine.get(layer, ()), per_rank, gates.shape.head_dim, dtype=proj.retmask_table.dtype)
-        proj.retmask_table[row].copy_(new)  # in place: traced graphs and CUDA graphs keep this address
-    return sum(len(h) for h in mine.values())
-
-
-def _wrap_prepare_inputs(runner, slots: _StepSlots) -> None:
+def _wrap_prepare_inputs(runner, slots: StepSlots) -> None:
     """Make ``runner._prepare_inputs`` fill ``slots`` from the batch before the model step it prepares.
 
     vLLM 0.32's V1 ``GPUModelRunner`` (and ``CPUModelRunner``, its subclass) prepares every step's inputs
     there, with ``input_batch.req_ids[row]`` and ``num_scheduled_tokens[row]`` in batch-row order; the
     token order of a step is ``np.repeat(rows, num_scheduled_tokens)``. Patched on the instance, so only a
     gated engine's runner changes. It runs inside the runner's ``synchronize_input_prep``, which (with async
-    scheduling) waits until the previous step's host-to-device copies are done, so ``staging`` is free.
+    scheduling) waits until the previous step's host-to-device copies are done, so the pinned staging copy
+    that ``StepSlots.fill`` writes is free.
     """
     prepare = getattr(runner, "_prepare_inputs", None)
     if prepare is None or not hasattr(runner, "input_batch") or not hasattr(runner, "requests"):
         raise RuntimeError(f"per-request head masks need vLLM's V1 GPUModelRunner; got {type(runner).__name__} "
                            "(unset VLLM_USE_V2_MODEL_RUNNER)")
-    on_host = slots.index.device.type == "cpu"
-    staging = slots.index if on_host else torch.zeros_like(slots.index, device="cpu").pin_memory()
-    host = staging.numpy()
 
     def prepare_with_slots(scheduler_output, num_scheduled_tokens, *args, **kwargs):
-        rows = [_request_slot(runner.requests[req_id]) for req_id in runner.input_batch.req_ids]
-        total = int(num_scheduled_tokens.sum())
-        if any(rows):
-            host[:total] = np.repeat(np.asarray(rows, dtype=np.int64), num_scheduled_tokens)
-            end = max(total, slots.filled)
-            host[total:end] = 0  # padding tokens (and the rest of the last step) read row 0
-            if not on_host:
-                slots.index[:end].copy_(staging[:end], non_blocking=True)
-            slots.filled, slots.mixed = total, True
-        elif slots.filled:
-            slots.index[: slots.filled].zero_()
-            if not on_host:
-                staging[: slots.filled].zero_()
-            slots.filled, slots.mixed = 0, False
+        slots.fill([_request_slot(runner.requests[req_id]) for req_id in runner.input_batch.req_ids],
+                   num_scheduled_tokens)
         return prepare(scheduler_output, num_scheduled_tokens, *args, **kwargs)
 
     runner._prepare_inputs = prepare_with_slots

@@ -23,20 +23,23 @@ DEAD_GATE = r'''
 import json, sys
 import vllm
 from vllm import SamplingParams
-import pipeline.gate as gates
+import pipeline.gate_tables as tables
 from pipeline.engine import EngineConfig, GatedLLM
 from retrieval_heads.errors import RetmaskError
 
 gate = "alive"
-real_hook = gates._gate_input
+real_hook = tables.gate_input
 
 def switchable_hook(module, args):
-    # "dead": no multiply at all; "decode_dead": the multiply runs for prefill batches only.
+    # "dead": no multiply at all; "decode_dead": the multiply runs for prefill batches only; "index_dead": the
+    # per-token slot index is never read, so every token takes the engine-wide row (here: all ones).
     if gate == "dead" or (gate == "decode_dead" and args[0].shape[0] == 1):
+        return None
+    if gate == "index_dead" and not module.retmask_active:
         return None
     return real_hook(module, args)
 
-gates._gate_input = switchable_hook  # install_gates registers it on every o_proj while the engine loads
+tables.gate_input = switchable_hook  # install_gates registers it on every o_proj while the engine loads
 
 def refusal(call):
     try:
@@ -49,6 +52,11 @@ config = EngineConfig(**json.loads(sys.argv[1]))
 engine = GatedLLM.from_config(config)
 greedy = SamplingParams(temperature=0.0, max_tokens=4)
 out = {"proven_at_start": sorted(len(heads) for heads in engine.gate_checks)}
+gate = "index_dead"
+out["mixed"] = refusal(lambda: engine.generate_mixed(["Hi", "Hi"], greedy, masks=[None, "5-1"]))
+out["mixed_again"] = refusal(lambda: engine.generate_mixed(["Hi", "Hi"], greedy, masks=[None, "5-1"]))
+gate = "alive"
+out["mixed_alive"] = len(engine.generate_mixed(["Hi", "Hi"], greedy, masks=[None, "5-1"]))
 gate = "dead"
 out["generate"] = refusal(lambda: engine.generate(["Hi"], greedy, mask="4-2"))
 out["generate_again"] = refusal(lambda: engine.generate(["Hi"], greedy, mask="4-2"))
@@ -100,6 +108,11 @@ def test_a_dead_gate_makes_the_engine_refuse_to_generate():
     got = json.loads(lines[-1].removeprefix("CANARY_RESULT "))
 
     assert got["proven_at_start"] == [0, 1]  # alive at start: the empty mask and the canary head
+    assert got["mixed"] == ("mask 5-1 has no effect on the prefill logits as a per-request mask (slot 1, gate "
+                            "canary): the graph may not read the per-token slot index; use batching: switched and "
+                            "report it")
+    assert got["mixed_again"] == got["mixed"]  # a refused per-request mask is probed again, never trusted
+    assert got["mixed_alive"] == 2
     no_effect = ("the head gate has no effect on the prefill logits under mask {} (gate canary): the compiled graph "
                  "may not contain the gate; rerun with enforce_eager=True and report it")
     assert got["generate"] == no_effect.format("4-2")

@@ -1,6 +1,7 @@
 """The continuous-batching model behind bench/sim_batching.py: schedules, step counts, preemption, tail fit."""
 
 import importlib.util
+import json
 import math
 import subprocess
 import sys
@@ -126,6 +127,24 @@ def test_measured_lengths_come_from_a_real_output_and_only_truncated_answers_gro
     assert lengths[:, 1].min() >= 64 and lengths[:, 1].max() <= 2048 and (lengths[:, 1] > 64).mean() > 0.9
     _, replayed = sim.sample_measured(m, 500, 2048, False, np.random.default_rng(0))
     assert (replayed[:, 1] == 64).all()
+
+
+def test_lengths_measured_by_bench_mixed_replay_like_an_output(sim, tmp_path):
+    # the "lengths" block of bench/bench_mixed.py --json: rows are prompts, one list per variant
+    record = {"variants": ["normal", "random_masked"], "max_tokens": 64, "num_prompt_tokens": list(range(30, 60)),
+              "num_tokens": {"normal": list(range(10, 40)), "random_masked": [64] * 30},
+              "finish_reason": {"normal": ["stop"] * 30, "random_masked": ["length"] * 30}}
+    path = tmp_path / "bench_mixed.json"
+    path.write_text(json.dumps({"mixed_vs_switched": {}, "lengths": record}))
+    m = sim.load_lengths(str(path), tail_sigma=1.0)
+    assert m.cap == 64 and m.variants == ["normal", "random_masked"] and m.lengths.shape == (30, 2)
+    assert m.truncated[:, 0].sum() == 0 and m.truncated[:, 1].all()
+    assert m.fits["normal"][2] and not m.fits["random_masked"][2]
+    prompt, lengths = sim.sample_measured(m, 200, 2048, True, np.random.default_rng(0))
+    assert set(prompt) <= set(range(30, 60)) and lengths[:, 1].min() >= 64 and (lengths[:, 1] > 64).mean() > 0.9
+    path.write_text(json.dumps({"lengths": {"variants": ["normal"]}}))
+    with pytest.raises(SystemExit, match="not an answer-length file"):
+        sim.load_lengths(str(path), tail_sigma=1.0)
 
 
 def test_write_replaces_only_its_own_section_and_says_it_is_a_model(tmp_path):

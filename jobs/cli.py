@@ -20,6 +20,7 @@ from jobs.train import RayWorkers
 from pipeline.evaluation.config import EvalConfig
 from pipeline.export import ExportConfig
 from pipeline.generate import GenerateConfig
+from pipeline.serve import ServeConfig
 from retrieval_heads.ablation import AblationConfig
 from retrieval_heads.config import cli_options, load_config, take_config
 from retrieval_heads.detect import DetectConfig
@@ -199,6 +200,19 @@ def eval_cmd(
     cfg = load_config(EvalConfig, config, **overrides, models=parse_models(models) if models else None)
     run(cfg, out)
     print(f"wrote {out}/results.json, results.md and plots")
+
+
+_SERVE_ENGINE = ("engine.dtype", "engine.enforce_eager", "engine.kv_cache_memory_bytes", "engine.max_num_seqs",
+                 "engine.enable_prefix_caching", "engine.cpu_reserved_cores", "engine.gate_canary")
+
+
+@cli.command()
+@cli_options(ServeConfig, also=_SERVE_ENGINE)
+def serve(config: str = _config_option("ServeConfig", "jobs/configs/serve.yaml"), *, overrides: dict):
+    """OpenAI-compatible server (vLLM's own) on one gated engine: the plain model and each head mask by name."""
+    from jobs.serve import run
+
+    raise typer.Exit(run(load_config(ServeConfig, config, **overrides)))
 
 
 @cli.command()

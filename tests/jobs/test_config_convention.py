@@ -16,6 +16,7 @@ from jobs.train import RayWorkers
 from pipeline.evaluation.config import EvalConfig
 from pipeline.export import ExportConfig
 from pipeline.generate import GenerateConfig
+from pipeline.serve import ServeConfig
 from retrieval_heads.ablation import AblationConfig
 from retrieval_heads.config import default_of, help_of, load_config, undocumented_fields
 from retrieval_heads.detect import DetectConfig
@@ -26,10 +27,10 @@ CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 STAGES = {DetectConfig: "detect.yaml", AblationConfig: "ablate.yaml", MaskExportConfig: "export_masked.yaml",
           GenerateConfig: "demo.yaml", TrainConfig: "train_paper.yaml", EvalConfig: "eval.yaml",
           DemoConfig: "demo_run.yaml", PlanTarget: None, RayWorkers: None,
-          StudyConfig: "study.yaml", ExportConfig: "export_pairs.yaml"}
+          StudyConfig: "study.yaml", ExportConfig: "export_pairs.yaml", ServeConfig: "serve.yaml"}
 # YAMLs that spell out the defaults (the others are recipes: a model's generation, the paper's DPO)
 DEFAULTS_YAML = ("detect.yaml", "ablate.yaml", "export_masked.yaml", "eval.yaml", "demo_run.yaml", "study.yaml",
-                 "export_pairs.yaml")
+                 "export_pairs.yaml", "serve.yaml")
 # options that are not config fields: where to write, which YAML, output format, the eval's model list
 NOT_FIELDS = {"config", "out", "as_json", "models", "to"}
 # commands whose options are arguments of a library function rather than a stage config

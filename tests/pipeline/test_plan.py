@@ -190,7 +190,7 @@ def test_shipped_olmo3_think_config_has_the_instruct_architecture():
 
 
 def test_engine_uses_the_placement_functions_and_plan_reads_the_engine_s_defaults():
-    from pipeline import engine, gate, placement
+    from pipeline import engine, gate, gate_tables, placement
     from pipeline.generate import GenerateConfig
 
     # plan's memory check reads GenerateConfig.engine: the very options (and defaults) the engine is built with
@@ -199,9 +199,12 @@ def test_engine_uses_the_placement_functions_and_plan_reads_the_engine_s_default
     for name in ("dtype", "gpu_memory_utilization", "max_num_seqs", "kv_cache_memory_bytes"):
         assert getattr(options, name) == getattr(built, name)
     assert engine.check_tensor_parallel is placement.check_tensor_parallel
-    assert gate.local_heads is placement.local_heads and gate.check_tensor_parallel is placement.check_tensor_parallel
+    assert gate_tables.local_heads is placement.local_heads
+    assert gate_tables.check_tensor_parallel is placement.check_tensor_parallel
+    assert gate.MAX_MASKS is engine.MAX_MASKS is placement.MAX_MASKS
     shared = {name for name in vars(placement) if not name.startswith("_")}
-    own = {name for m in (engine, gate) for name, v in vars(m).items() if getattr(v, "__module__", None) == m.__name__}
+    own = {name for m in (engine, gate, gate_tables) for name, v in vars(m).items()
+           if getattr(v, "__module__", None) == m.__name__}
     assert not own & shared  # no second copy of the placement arithmetic in the vLLM-side modules
 
 

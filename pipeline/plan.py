@@ -168,6 +168,7 @@ def _shape(report, config, shape, hf_config, text_config, files) -> bool:
 
 
 def _variants(report, config, shape, scores_ok: bool) -> tuple[dict | None, dict | None]:
+    from pipeline.placement import MAX_MASKS
     from pipeline.run_config import variant_masks
 
     s = "variants"
@@ -195,6 +196,12 @@ def _variants(report, config, shape, scores_ok: bool) -> tuple[dict | None, dict
             how = f"{rule['k']} random heads outside {outside}, seed {rule['seed']}"
         mask = record[variant]
         report.add(s, f"{variant}: {how} -> {len(hs)} heads (mask {mask['id']}): {mask['heads']}")
+    masks = len({tuple(hs) for hs in heads.values() if hs})
+    if config.batching == "mixed":
+        report.add(s, f"batching mixed: every variant of a batch in one continuous batch ({masks} per-request "
+                      f"mask(s) of the gate's {MAX_MASKS - 1} slots)")
+    else:
+        report.add(s, f"batching switched: {len(heads)} engine calls per batch, the mask switched between them")
     report.values["heads"] = heads
     return heads, record
 

@@ -70,6 +70,10 @@ class FakeEngine:
         return [SimpleNamespace(text=f"{mask}:{p}", num_prompt_tokens=3, num_completion_tokens=1, finish_reason="stop")
                 for p in prompts]
 
+    def generate_mixed(self, prompts, sampling, masks, seeds=None):
+        out = self.generate(prompts, sampling, seeds=seeds)  # one engine call, as a mixed batch is
+        return [SimpleNamespace(**{**vars(o), "text": f"{m}:{p}"}) for o, m, p in zip(out, masks, prompts)]
+
 
 def _actor(engine):
     from pipeline.actors import GenerationActor
@@ -77,6 +81,7 @@ def _actor(engine):
 
     actor = object.__new__(GenerationActor)
     actor.index, actor.batches, actor.llm, actor.sampling, actor._one_token = 0, 0, engine, None, None
+    actor.mixed = True  # the default: every variant of the batch in one engine call
     actor.masks = {"normal": None, "retrieval_masked": "16-1"}
     actor.schema = schema_for(list(actor.masks))
     return actor

@@ -153,9 +153,7 @@ class GatedLLM:
 
     def _switch(self, heads: tuple[Head, ...]) -> None:
         self._heads = None  # unknown until every worker has switched
-        held = self.llm.collective_rpc("retmask_set_heads", args=(list(heads),))
-        if sum(held) != len(heads):  # every head lives on exactly one rank
-            raise RuntimeError(f"workers gated {held} heads, expected {len(heads)} in total")
+        check_held(self.llm.collective_rpc("retmask_set_heads", args=(list(heads),)), heads, "engine-wide")
         self._heads = heads
 
     def generate(
@@ -172,13 +170,7 @@ class GatedLLM:
         """
         params = _per_prompt(sampling, len(prompts), seeds)
         self.set_mask(mask)
-        salt = mask_salt(self._heads, self.shape) if self._heads else None
-        inputs = []
-        for prompt in prompts:
-            item = {"prompt_token_ids": self.render(prompt)}
-            if salt:
-                item["cache_salt"] = salt  # blocks computed under one mask are never reused under another
-            inputs.append(item)
+        inputs = [self._input(prompt, self._heads) for prompt in prompts]
         outputs = self.llm.generate(inputs, params, use_tqdm=progress)
         return [_completion(out) for out in outputs]
 
@@ -203,15 +195,13 @@ class GatedLLM:
         heads = [self._validate(m).heads if m is not None else () for m in masks]
         self.set_mask(None)
         slots = self._register(set(heads) - {()})
-        inputs, tagged = [], []
-        for prompt, mask_heads, p in zip(prompts, heads, params):
-            item = {"prompt_token_ids": self.render(prompt)}
+        tagged = []
+        for mask_heads, p in zip(heads, params):
             if mask_heads:
-                item["cache_salt"] = mask_salt(mask_heads, self.shape)
                 p = p.clone()
                 p.extra_args = {**(p.extra_args or {}), MASK_ARG: slots[mask_heads]}
-            inputs.append(item)
             tagged.append(p)
+        inputs = [self._input(prompt, mask_heads) for prompt, mask_heads in zip(prompts, heads)]
         outputs = self.llm.generate(inputs, tagged, use_tqdm=progress)
         return [_completion(out) for out in outputs]
 
@@ -230,9 +220,8 @@ class GatedLLM:
                 evict = next(h for h in self._slots if h not in wanted)
                 free.append(self._slots.pop(evict))
             slot = free.pop(0)
-            held = self.llm.collective_rpc("retmask_register_mask", args=(slot, list(heads)))
-            if sum(held) != len(heads):
-                raise RuntimeError(f"workers gated {held} heads in slot {slot}, expected {len(heads)} in total")
+            check_held(self.llm.collective_rpc("retmask_register_mask", args=(slot, list(heads))), heads,
+                       f"in slot {slot}")
             self._slots[heads] = slot
             fresh[heads] = slot
         if fresh and self.canary.reference is not None:
@@ -243,6 +232,14 @@ class GatedLLM:
                     del self._slots[heads]
                 raise
         return {h: self._slots[h] for h in wanted}
+
+    def _input(self, prompt: Prompt, heads: tuple[Head, ...]) -> dict:
+        # The plain model runs unsalted; a mask's requests carry its salt, so KV blocks computed under one mask
+        # are never reused under another.
+        item = {"prompt_token_ids": self.render(prompt)}
+        if heads:
+            item["cache_salt"] = mask_salt(heads, self.shape)
+        return item
 
     def render(self, prompt: Prompt) -> list[int]:
         """Token ids of a chat prompt through the model's own chat template (generation prompt added)."""
@@ -320,6 +317,12 @@ def gated_engine_args(config: EngineConfig) -> tuple[str, ModelShape, dict]:
         # generator cannot. Whole prompts per step never rewind (GPUs keep chunked prefill).
         kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(config.max_model_len, 8192))
     return path, shape, kwargs
+
+
+def check_held(held: list[int], heads: Sequence[Head], where: str) -> None:
+    """Every head lives on exactly one rank: the heads the workers report gating must add up to the mask."""
+    if sum(held) != len(heads):
+        raise RuntimeError(f"workers gated {held} heads {where}, expected {len(heads)} in total")
 
 
 def mask_salt(heads: tuple[Head, ...], shape: ModelShape) -> str:

@@ -13,13 +13,10 @@ with a second server (docs/METHOD.md pitfall 9). Here the same zeros come from a
   buffers, so compiled graphs and CUDA graphs (which hold the buffers' addresses) see the new mask.
   Importing this module in the worker (vLLM resolves the extension class first) registers the loader.
 - Eager runs skip the multiply in layers without masked heads; traced graphs always contain it.
-- Per-request masks: each ``o_proj`` holds a fixed ``[MAX_MASKS, width]`` gate table and all layers share
-  one per-token slot index ``[max_num_batched_tokens]``; the hook multiplies token ``t`` by
-  ``table[index[t]]``. Row 0 is the engine-wide gate (``retmask_gate`` is a view of it, so the switch
-  above keeps working); rows 1.. are filled by ``retmask_register_mask``. Once a mask is registered, the
-  model runner's ``_prepare_inputs`` is wrapped (on this runner instance) to fill the index from each
-  request's ``SamplingParams.extra_args["retmask_mask"]`` before every step; tokens of untagged requests
-  and padding read row 0. Fixed addresses again, so traced graphs and CUDA graphs read each step's index.
+- Per-request masks (the tables' rows 1.., see ``pipeline.gate_tables``) are filled by
+  ``retmask_register_mask``. Once a mask is registered, the model runner's ``_prepare_inputs`` is wrapped
+  (on this runner instance) to fill the per-token slot index from each request's
+  ``SamplingParams.extra_args["retmask_mask"]`` before every step.
 
 The driver side (``pipeline.engine.GatedLLM``) names this module's loader and extension when it builds
 the engine; nothing else imports it.

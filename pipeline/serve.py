@@ -359,11 +359,12 @@ async def _serve(args, masks: dict[str, ServedMask], served: str, shape: ModelSh
 
 
 async def _register(client, masks: dict[str, ServedMask]) -> None:
+    from pipeline.engine import check_held
+
     for mask in masks.values():
         if mask.slot:
             held = await client.collective_rpc("retmask_register_mask", args=(mask.slot, list(mask.heads)))
-            if sum(held) != len(mask.heads):  # every head lives on exactly one rank
-                raise RuntimeError(f"workers gated {held} heads of mask {mask.name}, expected {len(mask.heads)}")
+            check_held(held, mask.heads, f"of mask {mask.name}")
 
 
 def _prove(client, loop, masks: dict[str, ServedMask], shape: ModelShape) -> None:

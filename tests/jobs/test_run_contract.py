@@ -25,14 +25,14 @@ from support import (
 
 
 @pytest.mark.parametrize("args", [[], ["bogus"], ["detect", "--nope"], ["inspect"], ["export-masked", "--k", "3"],
-                                  ["train", "--max-steps", "x", "--pairs", "p"]])
+                                  ["train", "--max-steps", "x", "--pairs", "p"], ["serve", "--port", "x"]])
 def test_usage_errors_exit_2_with_the_usage_message_and_no_traceback(args):
     result = retmask(*args)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and "Usage:" in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("module", ["jobs.generate", "jobs.eval", "jobs.detect", "jobs.train"])
+@pytest.mark.parametrize("module", ["jobs.generate", "jobs.eval", "jobs.detect", "jobs.train", "jobs.serve"])
 def test_module_entry_points_exit_2_on_usage_errors(module):
     # `python -m jobs.<stage>` is `retmask <stage>`: the same options, the same contract
     result = retmask("--nope", module=module)

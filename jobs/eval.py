@@ -3,7 +3,8 @@
     retmask eval --models base=smollm2-135m-instruct,trained=runs/train/final --out runs/eval
 
 Writes results.json, results.md, samples.jsonl, scores_by_length.png and overall.png under the output
-directory (``pipeline.evaluation.report``).
+directory (``pipeline.evaluation.report``), and each checkpoint's answers under ``answers/`` as soon as it
+finishes: rerun the same command after an interruption and the finished checkpoints are not answered again.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 def run(config: EvalConfig, out: str | Path) -> Path:
     """Build the suite, answer it with every checkpoint, write the outputs; returns ``results.json``'s path."""
     plan = build_plan(config)  # checkpoints resolved, suite built and measured in the baseline's tokens
-    results = evaluate(config, plan)  # one engine per checkpoint, then paired statistics
+    results = evaluate(config, plan, Path(out) / "answers")  # one engine per checkpoint, then paired statistics
     path = write_results(results, plan.samples, Path(out))
     for line in summary(results):
         log.info("%s", line)

@@ -1,10 +1,11 @@
 """Engine runs: every checkpoint answers the suite in its own gated vLLM engine, one after the other.
 
 Each checkpoint gets a plain engine (no mask, greedy), answers every sample in one batched ``generate``
-call, and is closed before the next loads. All run in one dtype (``common_dtype``). A general-quality
-guard rides on the same engine: perplexity of the assistant turns of a held-out, built-in chat text
-(``pipeline/data/eval_chat.jsonl``) from vLLM ``prompt_logprobs`` (no second model load, and it scales to
-GPU-sized checkpoints).
+call, and is closed before the next loads. Its answers are kept under ``answers/`` with what produced them,
+so an interrupted run resumes after its last finished checkpoint (the study's three take hours on a CPU).
+All run in one dtype (``common_dtype``). A general-quality guard rides on the same engine: perplexity of
+the assistant turns of a held-out, built-in chat text (``pipeline/data/eval_chat.jsonl``) from vLLM
+``prompt_logprobs`` (no second model load, and it scales to GPU-sized checkpoints).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.engine import Completion
 from pipeline.evaluation.config import EvalConfig
 from pipeline.evaluation.fitting import EvalSample, build_suite, format_cell, parse_cells
 from pipeline.evaluation.statistics import cell_groups, summarize
@@ -69,12 +71,16 @@ def build_plan(config: EvalConfig) -> EvalPlan:
     return EvalPlan(paths, samples, max_model_len, dtype)
 
 
-def evaluate(config: EvalConfig, plan: EvalPlan) -> dict:
-    """Run the suite on every checkpoint of the plan; the results (scores, intervals, outputs) as a dict."""
+def evaluate(config: EvalConfig, plan: EvalPlan, answers: Path | None = None) -> dict:
+    """Run the suite on every checkpoint of the plan; the results (scores, intervals, outputs) as a dict.
+
+    With ``answers`` (a directory), each checkpoint's answers are reused from there when the same checkpoint
+    answered the same suite in the same engine before, and saved there when it had not.
+    """
     from pipeline.provenance import package_versions
 
     names, samples = list(plan.paths), plan.samples
-    runs = {name: _run_checkpoint(config, plan, path) for name, path in plan.paths.items()}
+    runs = {name: _answers(config, plan, name, answers) for name in names}
     scores = np.array([[get_task(s.task).score(c.text, s.answers) for s, c in zip(samples, runs[n]["completions"])]
                        for n in names])
     cells, groups = cell_groups(samples)
@@ -117,6 +123,52 @@ def common_dtype(paths: list[str]) -> str:
     return "float32" if "float32" in names else names[0]
 
 
+def answers_key(config: EvalConfig, plan: EvalPlan, name: str) -> str:
+    """What a checkpoint's answers depend on: its weights, the suite's prompts, the engine, the packages."""
+    import hashlib
+
+    from pipeline.provenance import package_versions
+
+    path = plan.paths[name]
+    identity = {
+        "checkpoint": _model_id(path) or {"path": path},
+        "engine": _jsonable(dataclasses.asdict(_engine(config, plan, path))) | {"model": None},
+        "samples": [[s.id, s.prompt, s.max_tokens] for s in plan.samples],
+        "perplexity": builtin_chat() if config.perplexity else None,
+        "packages": package_versions(),
+    }
+    return "sha256:" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _answers(config: EvalConfig, plan: EvalPlan, name: str, directory: Path | None) -> dict:
+    """A checkpoint's answers: saved ones when their key matches, else a fresh engine run (then saved)."""
+    if directory is None:
+        return _run_checkpoint(config, plan, plan.paths[name])
+    key, path = answers_key(config, plan, name), directory / f"{name}.json"
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:  # a damaged file is answered again, never trusted
+            saved = {}
+        if saved.get("key") == key:
+            log.info("%s: answers reused from %s (same checkpoint, suite, engine and packages)", name, path)
+            completions = [Completion(**{**c, "token_ids": tuple(c["token_ids"])}) for c in saved["completions"]]
+            return {**saved["run"], "completions": completions}
+    run = _run_checkpoint(config, plan, plan.paths[name])
+    record = {"key": key, "checkpoint": plan.paths[name],
+              "run": {"perplexity": run["perplexity"], "timing": run["timing"]},
+              "completions": [dataclasses.asdict(c) for c in run["completions"]]}
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record) + "\n")
+    tmp.replace(path)  # atomic: an interrupted write leaves the old file or none
+    return run
+
+
+def _engine(config: EvalConfig, plan: EvalPlan, path: str):
+    return dataclasses.replace(config.engine, model=path, max_model_len=plan.max_model_len, dtype=plan.dtype)
+
+
 def _run_checkpoint(config: EvalConfig, plan: EvalPlan, path: str) -> dict:
     from vllm import SamplingParams
 
@@ -124,9 +176,8 @@ def _run_checkpoint(config: EvalConfig, plan: EvalPlan, path: str) -> dict:
 
     samples = plan.samples
     dialogues = builtin_chat() if config.perplexity else []
-    engine = dataclasses.replace(config.engine, model=path, max_model_len=plan.max_model_len, dtype=plan.dtype)
     t0 = time.perf_counter()
-    llm = GatedLLM.from_config(engine)
+    llm = GatedLLM.from_config(_engine(config, plan, path))
     try:
         t1 = time.perf_counter()
         sampling = [SamplingParams(temperature=0.0, max_tokens=s.max_tokens) for s in samples]

@@ -91,3 +91,51 @@ def test_end_to_end_on_the_embedded_model(tmp_path):
     assert results["timing"]["base"]["length_mismatches"] == 0  # vLLM's rendering matches the suite's count
     md = (tmp_path / "results.md").read_text()
     assert "| niah_single | 1000 |" in md and "## Paired differences vs base" in md
+
+
+def _count_engine_loads(monkeypatch) -> list[str]:
+    from pipeline.engine import GatedLLM
+
+    loads, load = [], GatedLLM.from_config
+    monkeypatch.setattr(GatedLLM, "from_config", lambda engine: (loads.append(engine.model), load(engine))[1])
+    return loads
+
+
+@pytest.mark.slow
+def test_a_rerun_answers_only_the_checkpoints_it_has_no_valid_saved_answers_for(tmp_path, monkeypatch):
+    # What resuming an interrupted three-checkpoint study evaluation relies on.
+    small = dict(tasks=("niah_single",), lengths=(1000,), samples_per_cell=2, bootstrap=50,
+                 engine=EngineConfig(kv_cache_memory_bytes=256 << 20))
+    run(EvalConfig(models={"base": EMBEDDED_ALIAS}, **small), tmp_path)  # stopped after its first checkpoint
+    assert (tmp_path / "answers" / "base.json").is_file()
+
+    loads = _count_engine_loads(monkeypatch)
+    both = EvalConfig(models={"base": EMBEDDED_ALIAS, "same": EMBEDDED_ALIAS}, **small)
+    first = json.loads(run(both, tmp_path).read_text())
+    assert len(loads) == 1  # only "same" was answered; "base" came from its saved answers
+    for record in first["samples"]:  # saved and fresh answers of one checkpoint agree
+        assert record["outputs"]["base"]["text"] == record["outputs"]["same"]["text"]
+
+    (tmp_path / "answers" / "same.json").write_text('{"key": "sha256:')  # damaged on disk
+    second = json.loads(run(both, tmp_path).read_text())
+    assert len(loads) == 2  # the damaged file was answered again, never trusted
+    assert second["samples"] == first["samples"] and second["checkpoints"] == first["checkpoints"]
+    assert json.loads((tmp_path / "answers" / "same.json").read_text())["key"].startswith("sha256:")
+
+
+def test_saved_answers_belong_to_one_checkpoint_suite_and_engine(tmp_path):
+    import dataclasses
+
+    from pipeline.evaluation.run import answers_key
+
+    def key(checkpoint=None, **fields):
+        config = load_config(EvalConfig, None, **{"models": {"base": EMBEDDED_ALIAS}, "tasks": ["niah_single"],
+                                                 "lengths": [500], "samples_per_cell": 1, **fields})
+        plan = build_plan(config)
+        return answers_key(config, dataclasses.replace(plan, paths={"base": checkpoint or plan.paths["base"]}), "base")
+
+    assert key() == key() == key(bootstrap=10)  # statistics do not change what a checkpoint answered
+    one, other = _checkpoint(tmp_path / "one", "float32"), _checkpoint(tmp_path / "other", "bfloat16")
+    assert key(one) == key(one) != key(other)  # checkpoints are told apart by content, not by name
+    assert len({key(), key(seed=1), key(max_tokens=8), key(engine={"kv_cache_memory_bytes": 1 << 29}),
+                key(one)}) == 5

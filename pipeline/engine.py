@@ -118,8 +118,11 @@ class GatedLLM:
         """Check the model and memory, then load the gated engine (extra kwargs go to ``vllm.LLM``)."""
         from vllm import LLM
 
+        from pipeline.interrupts import interruptible_engine_start
+
         path, shape, kwargs = gated_engine_args(config)
-        llm = LLM(path, **{**kwargs, **engine_kwargs})
+        with interruptible_engine_start():
+            llm = LLM(path, **{**kwargs, **engine_kwargs})
         engine = cls(llm, config, shape)
         if config.gate_canary:
             try:

@@ -25,21 +25,17 @@ parse. retmask adds three things:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import os
 import re
-import signal
 import socket
-import sys
-import threading
 import uuid
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 from typing import Any, Callable
 
 from pipeline.engine import EngineConfig, EngineOptions
+from pipeline.interrupts import interruptible_engine_start
 from retrieval_heads.config import opt
 from retrieval_heads.errors import RetmaskError
 from retrieval_heads.models import EMBEDDED_ALIAS, ModelShape
@@ -258,7 +254,7 @@ def serve(config: ServeConfig, ready: Callable[[str], Any] = log.info) -> int | 
     served = config.served_model_name or config.model
     aliases = [served] + [f"{served}:{n}" for n in masks if n not in (PLAIN, "normal")]
     args = _server_args(config, path, kwargs, aliases)
-    with _interruptible(), asyncio.Runner(loop_factory=_SignalRecordingLoop) as runner:
+    with interruptible_engine_start(), asyncio.Runner(loop_factory=_SignalRecordingLoop) as runner:
         runner.run(_serve(args, masks, served, shape, engine.gate_canary, ready))
         signum = runner.get_loop().received
     if signum is None:
@@ -302,63 +298,6 @@ def _server_args(config: ServeConfig, path: str, kwargs: dict, names: list[str])
         return make_arg_parser(FlexibleArgumentParser(exit_on_error=False)).parse_args(argv)
     except argparse.ArgumentError as err:
         raise RetmaskError(f"vLLM refuses the engine settings: {err}") from None
-
-
-STUCK_S = 15.0  # seconds an interrupted start may take to unwind before the process exits on its own
-
-
-@contextlib.contextmanager
-def _interruptible():
-    """Ctrl-C or SIGTERM before the server listens exits 130 or 143 with no process left, as in every other verb.
-
-    Two things in vLLM 0.32's engine start stand in the way: ``asyncio.Runner``'s SIGINT handler only cancels
-    the main task, which is blocked inside the start, and the start's handshake swallows a KeyboardInterrupt
-    (``zmq_socket_ctx``) and then waits for a ready message from engine processes that died of the same
-    signal. So the signal raises at once, a start that then fails is reported as the interruption, and a
-    start that does not unwind within ``STUCK_S`` has its processes killed and exits with the signal's code.
-    Once the server listens, vLLM's ``serve_http`` handles both signals (a drain, then ``serve`` returns).
-    """
-    from retrieval_heads.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, RESUME_HINT
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    unwound = threading.Event()
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def exit_if_stuck(signum: int) -> None:
-        if unwound.wait(STUCK_S):
-            return
-        import psutil
-
-        what = "interrupted" if signum == signal.SIGINT else "terminated"
-        print(f"retmask: {what}; committed work is kept: {RESUME_HINT}", file=sys.stderr, flush=True)
-        for child in psutil.Process().children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                child.kill()
-        os._exit(EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_TERMINATED)
-
-    def handle(signum, frame):
-        if not received:
-            received.append(signum)
-            threading.Thread(target=exit_if_stuck, args=(signum,), daemon=True).start()
-        if callable(previous[signum]) and signum == signal.SIGTERM:
-            previous[signum](signum, frame)  # run_cli's: marks the exit code 143, then raises KeyboardInterrupt
-        raise KeyboardInterrupt
-
-    for sig in previous:
-        signal.signal(sig, handle)
-    try:
-        yield
-    except Exception:
-        if received:  # the engine's processes died of the same signal before it reached this one
-            raise KeyboardInterrupt from None
-        raise
-    finally:
-        unwound.set()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 class _SignalRecordingLoop(asyncio.SelectorEventLoop):

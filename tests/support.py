@@ -344,6 +344,34 @@ def kill_all(procs: list) -> None:
     psutil.wait_procs(procs, timeout=10)
 
 
+def signal_during_engine_start(module: str, args: list[str], signum: int, log: Path, timeout: float = 900) -> int:
+    """Run ``python -m module args`` in its own process group, send ``signum`` to the whole group (as a terminal's
+    Ctrl-C does) once the vLLM engine's processes are starting, and return the exit code after checking that
+    no process of the tree is left."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=child_env(), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    tree: list = []
+    try:
+        deadline = time.monotonic() + timeout
+        while len(tree) < 2 and proc.poll() is None and time.monotonic() < deadline:  # the engine is starting
+            time.sleep(1)
+            tree = process_tree(proc.pid)
+        assert proc.poll() is None, f"exited before the engine started:\n{log.read_text()[-4000:]}"
+        os.killpg(proc.pid, signum)
+        code = proc.wait(timeout=120)
+        deadline = time.monotonic() + 30
+        while alive(tree) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert alive(tree) == [], f"left running: {alive(tree)}"
+        return code
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        kill_all(tree)
+        proc.wait(timeout=30)
+
+
 class LoopbackCluster:
     """Ray nodes started with `ray start --block`, each with its own temp dir and ports, on 127.0.0.1.
 

@@ -28,6 +28,7 @@ from support import (
     niah_prompt,
     process_tree,
     retmask,
+    signal_during_engine_start,
     write_scores,
 )
 
@@ -255,26 +256,5 @@ def test_a_signal_while_the_engine_starts_exits_with_its_code_and_no_process_lef
     log = tmp_path / "server.log"
     args = ["--port", str(free_port()), "--max-model-len", "2048", "--engine-dtype", "float32",
             "--engine-enforce-eager", "--engine-kv-cache-memory-bytes", str(256 << 20)]
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "jobs.serve", *args], cwd=REPO, env=child_env(), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    tree: list = []
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while len(tree) < 2 and proc.poll() is None and time.monotonic() < deadline:  # the engine is starting
-            time.sleep(1)
-            tree = process_tree(proc.pid)
-        assert proc.poll() is None, log.read_text()[-4000:]
-        os.killpg(proc.pid, signum)
-        assert proc.wait(timeout=120) == code, log.read_text()[-4000:]
-        tree += process_tree(proc.pid)
-        deadline = time.monotonic() + 30
-        while alive(tree) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert alive(tree) == []
-        assert f"retmask: {word}" in log.read_text()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        kill_all(tree)
-        proc.wait(timeout=30)
+    assert signal_during_engine_start("jobs.serve", args, signum, log) == code, log.read_text()[-4000:]
+    assert f"retmask: {word}" in log.read_text()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
+from support import signal_during_engine_start
 
 from jobs.eval import run
 from pipeline.engine import EngineConfig
@@ -139,3 +141,14 @@ def test_saved_answers_belong_to_one_checkpoint_suite_and_engine(tmp_path):
     assert key(one) == key(one) != key(other)  # checkpoints are told apart by content, not by name
     assert len({key(), key(seed=1), key(max_tokens=8), key(engine={"kv_cache_memory_bytes": 1 << 29}),
                 key(one)}) == 5
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_an_engine_starts_exits_130_with_no_process_left_and_nothing_written(tmp_path):
+    # vLLM's start swallows the KeyboardInterrupt in its handshake and then waited for the dead engine.
+    log, out = tmp_path / "eval.log", tmp_path / "eval"
+    args = ["--models", f"base={EMBEDDED_ALIAS}", "--tasks", "niah_single", "--lengths", "500", "--samples", "1",
+            "--out", str(out)]
+    assert signal_during_engine_start("jobs.eval", args, signal.SIGINT, log) == 130, log.read_text()[-4000:]
+    assert "retmask: interrupted" in log.read_text()
+    assert not (out / "results.json").exists() and not (out / "answers").exists()

@@ -145,15 +145,10 @@ def _answers(config: EvalConfig, plan: EvalPlan, name: str, directory: Path | No
     if directory is None:
         return _run_checkpoint(config, plan, plan.paths[name])
     key, path = answers_key(config, plan, name), directory / f"{name}.json"
-    if path.exists():
-        try:
-            saved = json.loads(path.read_text())
-        except ValueError:  # a damaged file is answered again, never trusted
-            saved = {}
-        if saved.get("key") == key:
-            log.info("%s: answers reused from %s (same checkpoint, suite, engine and packages)", name, path)
-            completions = [Completion(**{**c, "token_ids": tuple(c["token_ids"])}) for c in saved["completions"]]
-            return {**saved["run"], "completions": completions}
+    saved = load_answers(path, key, len(plan.samples))
+    if saved is not None:
+        log.info("%s: answers reused from %s (same checkpoint, suite, engine and packages)", name, path)
+        return saved
     run = _run_checkpoint(config, plan, plan.paths[name])
     record = {"key": key, "checkpoint": plan.paths[name],
               "run": {"perplexity": run["perplexity"], "timing": run["timing"]},
@@ -163,6 +158,20 @@ def _answers(config: EvalConfig, plan: EvalPlan, name: str, directory: Path | No
     tmp.write_text(json.dumps(record) + "\n")
     tmp.replace(path)  # atomic: an interrupted write leaves the old file or none
     return run
+
+
+def load_answers(path: Path, key: str, count: int) -> dict | None:
+    """The answers saved at ``path`` if they were made under ``key`` and hold ``count`` completions, else None:
+    a missing, damaged or other run's file is answered again, never trusted."""
+    try:
+        saved = json.loads(path.read_text())
+        if saved["key"] != key or len(saved["completions"]) != count:
+            return None
+        completions = [Completion(**{**c, "token_ids": tuple(c["token_ids"])}) for c in saved["completions"]]
+        return {"perplexity": saved["run"]["perplexity"], "timing": saved["run"]["timing"],
+                "completions": completions}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def _engine(config: EvalConfig, plan: EvalPlan, path: str):

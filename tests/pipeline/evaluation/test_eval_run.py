@@ -67,13 +67,20 @@ def test_checkpoints_run_in_one_dtype_and_never_lose_float32_updates(tmp_path):
 
 
 @pytest.mark.slow
-def test_end_to_end_on_the_embedded_model(tmp_path):
+def test_end_to_end_on_the_embedded_model_resuming_after_its_first_checkpoint(tmp_path, monkeypatch):
     # The same checkpoint under two names: with greedy decoding every output, hence the paired
-    # difference, must be identical. Two engine loads dominate the runtime.
-    config = EvalConfig(models={"base": EMBEDDED_ALIAS, "same": EMBEDDED_ALIAS}, tasks=("niah_single", "qa"),
-                        lengths=(1000,), samples_per_cell=3, bootstrap=200,
-                        engine=EngineConfig(kv_cache_memory_bytes=256 << 20))  # 1K prompts need ~30 MiB
-    path = run(config, tmp_path)
+    # difference, must be identical. The first run stops after "base" (as an interrupted study would);
+    # the second answers only "same" and takes "base" from its saved answers. Two engine loads in all.
+    from pipeline.engine import GatedLLM
+
+    small = dict(tasks=("niah_single", "qa"), lengths=(1000,), samples_per_cell=3, bootstrap=200,
+                 engine=EngineConfig(kv_cache_memory_bytes=256 << 20))  # 1K prompts need ~30 MiB
+    run(EvalConfig(models={"base": EMBEDDED_ALIAS}, **small), tmp_path)
+    assert (tmp_path / "answers" / "base.json").is_file()
+    loads, load = [], GatedLLM.from_config
+    monkeypatch.setattr(GatedLLM, "from_config", lambda engine: (loads.append(engine.model), load(engine))[1])
+    path = run(EvalConfig(models={"base": EMBEDDED_ALIAS, "same": EMBEDDED_ALIAS}, **small), tmp_path)
+    assert len(loads) == 1  # only "same" was answered
     assert path == tmp_path / "results.json"
     results = json.loads(path.read_text())
     for name in ("results.json", "results.md", "samples.jsonl", "scores_by_length.png", "overall.png"):
@@ -93,36 +100,6 @@ def test_end_to_end_on_the_embedded_model(tmp_path):
     assert results["timing"]["base"]["length_mismatches"] == 0  # vLLM's rendering matches the suite's count
     md = (tmp_path / "results.md").read_text()
     assert "| niah_single | 1000 |" in md and "## Paired differences vs base" in md
-
-
-def _count_engine_loads(monkeypatch) -> list[str]:
-    from pipeline.engine import GatedLLM
-
-    loads, load = [], GatedLLM.from_config
-    monkeypatch.setattr(GatedLLM, "from_config", lambda engine: (loads.append(engine.model), load(engine))[1])
-    return loads
-
-
-@pytest.mark.slow
-def test_a_rerun_answers_only_the_checkpoints_it_has_no_valid_saved_answers_for(tmp_path, monkeypatch):
-    # What resuming an interrupted three-checkpoint study evaluation relies on.
-    small = dict(tasks=("niah_single",), lengths=(1000,), samples_per_cell=2, bootstrap=50,
-                 engine=EngineConfig(kv_cache_memory_bytes=256 << 20))
-    run(EvalConfig(models={"base": EMBEDDED_ALIAS}, **small), tmp_path)  # stopped after its first checkpoint
-    assert (tmp_path / "answers" / "base.json").is_file()
-
-    loads = _count_engine_loads(monkeypatch)
-    both = EvalConfig(models={"base": EMBEDDED_ALIAS, "same": EMBEDDED_ALIAS}, **small)
-    first = json.loads(run(both, tmp_path).read_text())
-    assert len(loads) == 1  # only "same" was answered; "base" came from its saved answers
-    for record in first["samples"]:  # saved and fresh answers of one checkpoint agree
-        assert record["outputs"]["base"]["text"] == record["outputs"]["same"]["text"]
-
-    (tmp_path / "answers" / "same.json").write_text('{"key": "sha256:')  # damaged on disk
-    second = json.loads(run(both, tmp_path).read_text())
-    assert len(loads) == 2  # the damaged file was answered again, never trusted
-    assert second["samples"] == first["samples"] and second["checkpoints"] == first["checkpoints"]
-    assert json.loads((tmp_path / "answers" / "same.json").read_text())["key"].startswith("sha256:")
 
 
 def test_saved_answers_belong_to_one_checkpoint_suite_and_engine(tmp_path):
@@ -152,3 +129,21 @@ def test_ctrl_c_while_an_engine_starts_exits_130_with_no_process_left_and_nothin
     assert signal_during_engine_start("jobs.eval", args, signal.SIGINT, log) == 130, log.read_text()[-4000:]
     assert "retmask: interrupted" in log.read_text()
     assert not (out / "results.json").exists() and not (out / "answers").exists()
+
+
+def test_saved_answers_are_trusted_only_whole_and_under_their_own_key(tmp_path):
+    from pipeline.engine import Completion
+    from pipeline.evaluation.run import load_answers
+
+    completion = {"text": "4213", "token_ids": [1, 2], "num_prompt_tokens": 9, "num_completion_tokens": 2,
+                  "finish_reason": "stop"}
+    record = {"key": "sha256:a", "run": {"perplexity": None, "timing": {}}, "completions": [completion] * 2}
+    path = tmp_path / "base.json"
+    path.write_text(json.dumps(record))
+    assert load_answers(path, "sha256:a", 2)["completions"] == [Completion(**{**completion, "token_ids": (1, 2)})] * 2
+    assert load_answers(path, "sha256:b", 2) is None  # another checkpoint, suite, engine or package version
+    assert load_answers(path, "sha256:a", 3) is None  # not every sample answered
+    for damaged in ('{"key": "sha256:', '[]', json.dumps({**record, "completions": [{"text": "x"}] * 2})):
+        path.write_text(damaged)
+        assert load_answers(path, "sha256:a", 2) is None
+    assert load_answers(tmp_path / "missing.json", "sha256:a", 2) is None

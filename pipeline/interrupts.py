@@ -28,7 +28,7 @@ def interruptible_engine_start():
     (``run_cli``'s, Ray's) still runs, and the previous handlers come back on exit. Outside the main thread
     (where handlers cannot be set) it does nothing.
     """
-    from retrieval_heads.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, RESUME_HINT
+    from retrieval_heads.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, stop_line
 
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -43,12 +43,12 @@ def interruptible_engine_start():
             return
         import psutil
 
-        what = "interrupted" if signum == signal.SIGINT else "terminated"
-        print(f"retmask: {what}; committed work is kept: {RESUME_HINT}", file=sys.stderr, flush=True)
+        code = EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_TERMINATED
+        print(stop_line(code), file=sys.stderr, flush=True)
         for child in psutil.Process().children(recursive=True):
             with contextlib.suppress(psutil.Error):
                 child.kill()
-        os._exit(EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_TERMINATED)
+        os._exit(code)
 
     def handle(signum, frame):
         if not received:

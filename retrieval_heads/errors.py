@@ -88,6 +88,12 @@ def _terminate(signum, frame) -> NoReturn:
     raise KeyboardInterrupt
 
 
+def stop_line(code: int, prog: str = "retmask") -> str:
+    """The run contract's one line for a run stopped by Ctrl-C (``EXIT_INTERRUPTED``) or SIGTERM."""
+    what = "interrupted" if code == EXIT_INTERRUPTED else "terminated"
+    return f"{prog}: {what}; committed work is kept: {RESUME_HINT}"
+
+
 def run_cli(main: Callable[[], Any], prog: str = "retmask") -> NoReturn:
     """Run ``main`` under the run contract and exit: an int result is the exit code, None means 0."""
     try:
@@ -109,6 +115,5 @@ def run_cli(main: Callable[[], Any], prog: str = "retmask") -> NoReturn:
     if code == EXIT_INTERRUPTED and _terminated:  # typer reports both as 130
         code = EXIT_TERMINATED
     if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
-        what = "interrupted" if code == EXIT_INTERRUPTED else "terminated"
-        print(f"{prog}: {what}; committed work is kept: {RESUME_HINT}", file=sys.stderr)
+        print(stop_line(code, prog), file=sys.stderr)
     sys.exit(code if isinstance(code, int) else EXIT_OK)

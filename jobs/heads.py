@@ -48,23 +48,13 @@ def _load_heads(path: str, fmt: str, shape, quantile: float | None, strict: bool
 
 
 def _write_atomically(target, write) -> None:
-    """``write(tmp)`` then rename over ``target``: a failed write never leaves a half file under its name."""
-    import os
-    from pathlib import Path
+    """:func:`retrieval_heads.files.write_atomically`, with a file system error as a user error."""
+    from retrieval_heads.files import write_atomically
 
-    target = Path(target)
-    tmp = target.with_name(f".{target.stem}.tmp{target.suffix}")  # the suffix tells matplotlib the format
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        os.replace(tmp, target)
+        write_atomically(target, write)
     except OSError as err:
         raise RetmaskError(f"cannot write {target} ({err.strerror or err}); choose another --out") from None
-    finally:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:  # the folder itself could not be made: nothing to clean up
-            pass
 
 
 @heads_app.command("import")

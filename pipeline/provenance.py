@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from retrieval_heads.errors import RetmaskError
+from retrieval_heads.files import write_text_atomically
 
 
 def package_versions() -> dict[str, str | None]:
@@ -96,12 +96,8 @@ def _read_cache() -> dict:
 
 
 def _write_cache(cache: dict) -> None:
-    path = _cache_path()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, path)  # concurrent writers: the last complete file wins, never a torn one
+        write_text_atomically(_cache_path(), json.dumps(cache))  # concurrent writers: the last whole file wins
     except OSError:
         pass
 

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from pipeline.shards import read_manifest
 from retrieval_heads.errors import RetmaskError
+from retrieval_heads.files import write_text_atomically
 from trainer.config import TrainConfig
 from trainer.data import load_pairs
 
@@ -114,8 +115,8 @@ def train(config: TrainConfig, callbacks: list | None = None) -> Path:
                     "gradient_accumulation_steps": args.gradient_accumulation_steps,
                     "pairs_digest": pairs.stats["pairs_digest"], "pairs_shards": pairs.stats["shards"],
                     "pairs_rows": pairs.stats["rows"], "provenance": provenance}
-        _write(out / "train_config.yaml", _yaml(resolved))
-        _write(out / "data_stats.json", json.dumps(pairs.stats, indent=2) + "\n")
+        write_text_atomically(out / "train_config.yaml", _yaml(resolved))
+        write_text_atomically(out / "data_stats.json", json.dumps(pairs.stats, indent=2) + "\n")
 
     trainer = _make_trainer(config, args, model_path, pairs, callbacks)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -125,7 +126,7 @@ def train(config: TrainConfig, callbacks: list | None = None) -> Path:
     if trainer.is_world_process_zero():
         trainer.processing_class.save_pretrained(str(final))
         metrics = _metrics(trainer.state.log_history, eval_end, pairs.stats, resume)
-        _write(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        write_text_atomically(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         plot_curves(metrics, out / "curves.png")
         log.info("final model in %s; eval %s -> %s", final, metrics["eval_start"], metrics["eval_end"])
     return final
@@ -284,10 +285,3 @@ def _yaml(data: dict) -> str:
     import yaml
 
     return yaml.safe_dump(data, sort_keys=False)
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    tmp.replace(path)  # a crash mid-write never leaves a half file behind
-

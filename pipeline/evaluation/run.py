@@ -27,6 +27,7 @@ from pipeline.evaluation.fitting import EvalSample, build_suite, format_cell, pa
 from pipeline.evaluation.statistics import cell_groups, summarize
 from pipeline.evaluation.tasks import get_task
 from retrieval_heads.errors import RetmaskError
+from retrieval_heads.files import write_text_atomically
 from retrieval_heads.models import render_chat
 
 log = logging.getLogger(__name__)
@@ -153,10 +154,7 @@ def _answers(config: EvalConfig, plan: EvalPlan, name: str, directory: Path | No
     record = {"key": key, "checkpoint": plan.paths[name],
               "run": {"perplexity": run["perplexity"], "timing": run["timing"]},
               "completions": [dataclasses.asdict(c) for c in run["completions"]]}
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record) + "\n")
-    tmp.replace(path)  # atomic: an interrupted write leaves the old file or none
+    write_text_atomically(path, json.dumps(record) + "\n")  # an interrupted write leaves the old file or none
     return run
 
 

@@ -107,6 +107,22 @@ def _heads(out: Path) -> list[str]:
             f"Plot: `{out / 'heads' / 'shift.png'}` (base, each trained model, and each difference).", ""]
 
 
+PLOTS = {"eval/overall.png": "overall score per checkpoint, with intervals",
+         "eval/scores_by_length.png": "score per task and length, per checkpoint",
+         "train_retmask/curves.png": "DPO curves, RetMask arm",
+         "train_control/curves.png": "DPO curves, control arm",
+         "heads/shift.png": "retrieval scores of base and each trained model, and each difference"}
+
+
+def _plots(out: Path) -> list[str]:
+    """The plots the stages wrote, by path (a missing one is named as missing, never silently left out)."""
+    lines = ["## Plots", ""]
+    for name, what in PLOTS.items():
+        path = out / name
+        lines.append(f"- `{path}`: {what}" + ("" if path.exists() else " (**missing**)"))
+    return lines + [""]
+
+
 def _settings(cfg, out: Path) -> list[str]:
     """Where the run's settings are, and every one that differs from the pre-registered (dataclass) default."""
     import dataclasses
@@ -134,7 +150,8 @@ def write_results(cfg, out: Path, timings: dict) -> Path:
     primary, word = _primary(results, cfg.bootstrap)
     lines = ["# RetMask vs control: results", "", *_settings(cfg, out),
              f"**Result ({word}).**", "", *primary, *_secondary(results, cfg.bootstrap), *_calibration(out),
-             *_training(out), *_heads(out), "## Stage timings", "", "| stage | wall time (s) |", "|---|---|"]
+             *_training(out), *_heads(out), *_plots(out),
+             "## Stage timings", "", "| stage | wall time (s) |", "|---|---|"]
     lines += [f"| {name} | {t['seconds']:.0f} |" for name, t in timings.items()]
     path = out / "RESULTS.md"
     path.write_text("\n".join(lines) + "\n")

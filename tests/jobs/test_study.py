@@ -62,3 +62,13 @@ def test_results_name_every_setting_that_is_not_the_pre_registered_one(tmp_path)
     text = "\n".join(_settings(StudyConfig(out=str(tmp_path), max_steps=2, repeats=1), tmp_path))
     assert "Not the pre-registered settings" in text and "`max_steps` 60 -> 2" in text and "`repeats` 2 -> 1" in text
     assert (tmp_path / "study_config.yaml").exists()
+
+
+def test_results_list_every_plot_and_say_which_one_is_missing(tmp_path):
+    from jobs.study_report import PLOTS, _plots
+
+    (tmp_path / "heads").mkdir()
+    (tmp_path / "heads" / "shift.png").write_bytes(b"png")
+    lines = [line for line in _plots(tmp_path) if line.startswith("- ")]
+    assert len(lines) == len(PLOTS)
+    assert all(("missing" in line) != ("heads/shift.png" in line) for line in lines)

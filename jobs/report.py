@@ -29,7 +29,8 @@ def _study() -> list[str]:
     if not STUDY_RESULTS.exists():
         return [head + " reports in docs/RESULTS.md; it has not been run to completion yet."]
     found = [line for line in STUDY_RESULTS.read_text().splitlines() if line.startswith("Primary outcome")]
-    return [head + ": " + (found[0] if found else "see docs/RESULTS.md.")]
+    return [head + ": " + (found[0] + " Tables, head maps and run notes: docs/RESULTS.md." if found
+                           else "see docs/RESULTS.md.")]
 
 
 def _default_suite() -> str:

@@ -97,4 +97,6 @@ def test_the_demo_report_points_to_the_powered_study_and_quotes_its_result(tmp_p
     monkeypatch.setattr(report, "STUDY_RESULTS", tmp_path / "RESULTS.md")
     assert "docs/STUDY.md" in report._study()[0] and "not been run" in report._study()[0]
     (tmp_path / "RESULTS.md").write_text("# x\n\nPrimary outcome (null): RetMask minus control, +0.4 points.\n")
-    assert report._study()[0].endswith("Primary outcome (null): RetMask minus control, +0.4 points.")
+    quoted = report._study()[0]
+    assert quoted.endswith("Primary outcome (null): RetMask minus control, +0.4 points. Tables, head maps and run "
+                           "notes: docs/RESULTS.md.")
